@@ -1,0 +1,55 @@
+"""The ``hf-wemoe`` command line: argument parsing, dispatch, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .commands import COMMANDS
+from .errors import WEMoEError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per command module in ``hf_wemoe.commands``."""
+    parser = argparse.ArgumentParser(
+        prog="hf-wemoe",
+        description=(
+            "Merge CLIP vision models fine-tuned on different tasks into one weight-ensembling "
+            "mixture-of-experts (WEMoE / E-WEMoE) model, adapt its routers, evaluate it and share it on the Hub."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"hf-wemoe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"hf_wemoe.commands.{name}")
+        sub = module.add_parser(subparsers)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except WEMoEError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""WEMoE CLIP vision configuration.
+
+This file is copied into every saved model folder and Hub repository, so it imports only the standard library
+and transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+
+from transformers import CLIPVisionConfig
+
+ROUTER_DEPTHS = (0, 1, 2)
+ROUTING_MODES = ("sample", "batch")
+TASK_VECTOR_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class WEMoECLIPVisionConfig(CLIPVisionConfig):
+    r"""Configuration of a weight-ensembling mixture-of-experts (WEMoE) CLIP vision tower.
+
+    It holds every field of [`CLIPVisionConfig`] (the architecture shared by the pretrained model and its
+    fine-tuned experts) plus the fields below.
+
+    Args:
+        expert_names (`list[str]`):
+            One name per expert (fine-tuned model), in the order of the routing weights. `num_experts` is its length.
+        router_depth (`int`, defaults to 2):
+            0: a learned vector of routing weights that ignores the input; 1: one linear layer; 2: linear, ReLU,
+            linear (the paper's router).
+        router_hidden_size (`int`, *optional*):
+            Width of the depth-2 router's hidden layer. Defaults to `hidden_size`.
+        init_lambda (`float`, defaults to 0.3):
+            Task-arithmetic scaling factor used to merge the non-MLP weights and to initialise the router's output
+            bias, so a fresh model routes every expert with weight `init_lambda`.
+        shared_router (`bool`, defaults to `False`):
+            Use one router for all MoE layers (E-WEMoE); each layer still feeds it its own tokens.
+        task_vector_sparsity (`float`, defaults to 0.0):
+            Fraction of every task-vector tensor removed by magnitude (0 keeps them dense; E-WEMoE uses 0.9). Kept
+            entries are stored sparsely as indices and values.
+        task_vector_dtype (`str`, defaults to `"float32"`):
+            Storage dtype of the task vectors: `"float32"`, `"bfloat16"` or `"float16"`. Routing and accumulation
+            always run in at least float32.
+        routing (`str`, defaults to `"sample"`):
+            `"sample"`: every input gets its own merged MLP (the paper's method). `"batch"`: routing weights are
+            averaged over the batch and one merged MLP serves the whole batch.
+        moe_layers (`list[int]`, *optional*):
+            Indices of the encoder layers whose MLP is a WEMoE module; `None` means every layer. The other layers
+            hold a task-arithmetic MLP.
+        base_model_ref (`str`, *optional*):
+            Reference (Hub id or path) of the pretrained model the experts were fine-tuned from.
+        expert_refs (`list[str]`, *optional*):
+            References of the experts, in the order of `expert_names`.
+        provenance (`dict`, *optional*):
+            Resolved sources (for example commit shas) and the merge recipe, for reproducibility.
+    """
+
+    model_type = "wemoe_clip_vision_model"
+
+    expert_names: list[str] = field(default_factory=list)
+    router_depth: int = 2
+    router_hidden_size: int | None = None
+    init_lambda: float = 0.3
+    shared_router: bool = False
+    task_vector_sparsity: float = 0.0
+    task_vector_dtype: str = "float32"
+    routing: str = "sample"
+    moe_layers: list[int] | None = None
+    base_model_ref: str | None = None
+    expert_refs: list[str] | None = None
+    provenance: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.expert_names = list(self.expert_names or [])
+        if self.moe_layers is not None:
+            self.moe_layers = sorted({int(i) for i in self.moe_layers})
+        if self.router_hidden_size is None:
+            self.router_hidden_size = self.hidden_size
+        self.validate_wemoe()
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts (the length of `expert_names`)."""
+        return len(self.expert_names)
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """The encoder layers that hold a WEMoE MLP, in order."""
+        if self.moe_layers is None:
+            return list(range(self.num_hidden_layers))
+        return list(self.moe_layers)
+
+    def validate_wemoe(self) -> None:
+        """Raise `ValueError` naming the field and the allowed values when a WEMoE field is invalid."""
+        if len(set(self.expert_names)) != len(self.expert_names):
+            raise ValueError(f"expert_names must be unique, got {self.expert_names}")
+        if any(not isinstance(name, str) or not name for name in self.expert_names):
+            raise ValueError(f"expert_names must be non-empty strings, got {self.expert_names}")
+        if self.router_depth not in ROUTER_DEPTHS:
+            raise ValueError(f"router_depth must be one of {ROUTER_DEPTHS}, got {self.router_depth!r}")
+        if not isinstance(self.router_hidden_size, int) or self.router_hidden_size < 1:
+            raise ValueError(
+                f"router_hidden_size must be a positive integer, got {self.router_hidden_size!r}"
+            )
+        if not isinstance(self.init_lambda, (int, float)) or isinstance(self.init_lambda, bool):
+            raise ValueError(f"init_lambda must be a number, got {self.init_lambda!r}")
+        if not isinstance(self.shared_router, bool):
+            raise ValueError(f"shared_router must be true or false, got {self.shared_router!r}")
+        sparsity = self.task_vector_sparsity
+        if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"task_vector_sparsity must be a number with 0 <= s < 1, got {sparsity!r}")
+        if self.task_vector_dtype not in TASK_VECTOR_DTYPES:
+            raise ValueError(
+                f"task_vector_dtype must be one of {list(TASK_VECTOR_DTYPES)}, got {self.task_vector_dtype!r}"
+            )
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {list(ROUTING_MODES)}, got {self.routing!r}")
+        if self.moe_layers is not None:
+            bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
+            if bad:
+                raise ValueError(
+                    f"moe_layers must be layer indices in [0, {self.num_hidden_layers - 1}] or null, got {bad}"
+                )
+        if self.expert_refs is not None and len(self.expert_refs) != len(self.expert_names):
+            raise ValueError(
+                f"expert_refs must have one entry per expert ({len(self.expert_names)}), got {len(self.expert_refs)}"
+            )
+
+
+__all__ = ["WEMoECLIPVisionConfig"]

@@ -1,0 +1,666 @@
+"""PyTorch WEMoE CLIP vision model: a CLIP vision tower whose MLPs are weight-ensembling mixtures of experts.
+
+Every MoE MLP holds the pretrained MLP (W0), the task vectors of K fine-tuned experts (tau_k = theta_k - theta_0, for
+fc1/fc2 weights and biases) and a router. For each input the router reads the MLP's input tokens, averages its
+outputs over the tokens and gives K routing weights r; the MLP then runs with W = W0 + sum_k r_k tau_k.
+
+This file is copied into every saved model folder and Hub repository, so it imports only the standard library,
+torch, transformers and its sibling `configuration_wemoe.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPVisionEmbeddings
+from transformers.utils import ModelOutput
+
+from .configuration_wemoe import WEMoECLIPVisionConfig
+
+# Names of the four MLP tensors that carry task vectors, and the nn.Linear they belong to.
+MLP_TENSORS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+
+# Per-sample merged weights are built a block of output rows at a time so that the block (batch x rows x in)
+# stays small and is never kept for backward. About this many elements per block.
+MERGE_BLOCK_ELEMENTS = 1 << 21
+
+
+def num_kept_entries(numel: int, sparsity: float) -> int:
+    """Entries a task-vector tensor of `numel` elements keeps at `sparsity`: ceil((1 - sparsity) * numel), at least 1."""
+    # Rounding first keeps e.g. (1 - 0.7) * 10 = 3.0000000000000004 from becoming 4.
+    return max(1, math.ceil(round((1.0 - sparsity) * numel, 6)))
+
+
+def sparsify_task_vector(tensor: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the largest-magnitude entries of one task-vector tensor.
+
+    Returns `(indices, values)`: int32 flat indices in increasing order and the kept values (same dtype as
+    `tensor`). Selection uses top-k on float32 magnitudes, which works for every dtype and size.
+    """
+    flat = tensor.reshape(-1)
+    keep = num_kept_entries(flat.numel(), sparsity)
+    indices = torch.topk(flat.float().abs(), keep, sorted=False).indices.sort().values
+    return indices.to(torch.int32), flat[indices]
+
+
+def _routing_for_layer(force_routing: torch.Tensor, position: int) -> torch.Tensor:
+    """The forced routing weights of the `position`-th MoE layer: a (K,) vector or one row of an (L, K) table."""
+    return force_routing if force_routing.dim() == 1 else force_routing[position]
+
+
+class _PerSampleLinear(torch.autograd.Function):
+    """`y[b] = x[b] @ (W0 + sum_k r[b, k] tau[k]).T` for every sample b, with gradients for x and r only.
+
+    The merged weight of each sample is built one block of output rows at a time (one small GEMM over the
+    expert axis), used at once and dropped. Backward rebuilds the blocks instead of keeping B merged matrices
+    alive: dx[b] = dy[b] @ W[b] and dr[b, k] = <tau[k], dy[b].T @ x[b]>.
+    """
+
+    @staticmethod
+    def forward(ctx, x, routing, base_weight, task_vectors):  # noqa: D102
+        ctx.save_for_backward(x, routing, base_weight, task_vectors)
+        out_features = base_weight.shape[0]
+        blocks = [
+            torch.bmm(
+                x, _merged_rows(routing, base_weight, task_vectors, start, stop, x.dtype).transpose(1, 2)
+            )
+            for start, stop in _row_blocks(out_features, x.shape[0], base_weight.shape[1])
+        ]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        x, routing, base_weight, task_vectors = ctx.saved_tensors
+        need_x, need_routing = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_routing = torch.zeros_like(routing) if need_routing else None
+        num_experts = task_vectors.shape[0]
+        for start, stop in _row_blocks(base_weight.shape[0], x.shape[0], base_weight.shape[1]):
+            grad_block = grad_output[:, :, start:stop]
+            if need_x:
+                merged = _merged_rows(routing, base_weight, task_vectors, start, stop, x.dtype)
+                grad_x.baddbmm_(grad_block, merged)
+            if need_routing:
+                # Sum over tokens of the outer products dy_t x_t^T, for this block of rows: (B, rows, in).
+                outer = torch.bmm(grad_block.transpose(1, 2), x).to(routing.dtype)
+                block = task_vectors[:, start:stop].reshape(num_experts, -1).to(routing.dtype)
+                grad_routing.addmm_(outer.reshape(outer.shape[0], -1), block.t())
+        return grad_x, grad_routing, None, None
+
+
+def _row_blocks(out_features: int, batch_size: int, in_features: int) -> list[tuple[int, int]]:
+    rows = max(1, min(out_features, MERGE_BLOCK_ELEMENTS // max(1, batch_size * in_features)))
+    return [(start, min(start + rows, out_features)) for start in range(0, out_features, rows)]
+
+
+def _merged_rows(routing, base_weight, task_vectors, start, stop, dtype) -> torch.Tensor:
+    """Rows `start:stop` of every sample's merged weight, (B, rows, in), accumulated in the routing dtype."""
+    num_experts, _, in_features = task_vectors.shape
+    base = base_weight[start:stop].reshape(1, -1).to(routing.dtype)
+    deltas = task_vectors[:, start:stop].reshape(num_experts, -1).to(routing.dtype)
+    merged = torch.addmm(base, routing, deltas)
+    return merged.view(routing.shape[0], stop - start, in_features).to(dtype)
+
+
+class WEMoERouter(nn.Module):
+    """Maps the token states entering an MLP to K routing weights per sample.
+
+    Depth 2: `W2 ReLU(W1 h + b1) + b2`; depth 1: `W h + b`; depth 0: a learned vector `b` that ignores the
+    input. Outputs are averaged over the tokens of each sample and used raw (no softmax).
+    """
+
+    def __init__(self, config: WEMoECLIPVisionConfig):
+        super().__init__()
+        self.depth = config.router_depth
+        self.num_experts = config.num_experts
+        if self.depth == 2:
+            self.hidden = nn.Linear(config.hidden_size, config.router_hidden_size)
+            self.hidden._router_role = "hidden"
+        if self.depth >= 1:
+            in_features = config.router_hidden_size if self.depth == 2 else config.hidden_size
+            self.output = nn.Linear(in_features, config.num_experts)
+            self.output._router_role = "output"
+        else:
+            self.bias = nn.Parameter(torch.empty(config.num_experts))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` (B, T, hidden) -> routing weights (B, K) in the router's dtype."""
+        if self.depth == 0:
+            return self.bias.unsqueeze(0).expand(hidden_states.shape[0], -1)
+        features = hidden_states.to(self.output.weight.dtype)
+        if self.depth == 2:
+            features = nn.functional.relu(self.hidden(features))
+        # The output layer is affine, so averaging its input over tokens equals averaging its output.
+        return self.output(features.mean(dim=1))
+
+
+class WEMoETaskVectors(nn.Module):
+    """The K task vectors of one MLP, stored densely (K, *shape) or sparsely (K, nnz) indices and values."""
+
+    def __init__(self, config: WEMoECLIPVisionConfig):
+        super().__init__()
+        self.shapes = {
+            "fc1_weight": (config.intermediate_size, config.hidden_size),
+            "fc1_bias": (config.intermediate_size,),
+            "fc2_weight": (config.hidden_size, config.intermediate_size),
+            "fc2_bias": (config.hidden_size,),
+        }
+        self.sparsity = float(config.task_vector_sparsity)
+        dtype = getattr(torch, config.task_vector_dtype)
+        num_experts = config.num_experts
+        for name, shape in self.shapes.items():
+            if self.is_sparse:
+                kept = num_kept_entries(math.prod(shape), self.sparsity)
+                self.register_buffer(f"{name}_indices", torch.zeros(num_experts, kept, dtype=torch.int32))
+                self.register_buffer(f"{name}_values", torch.zeros(num_experts, kept, dtype=dtype))
+            else:
+                self.register_buffer(name, torch.zeros(num_experts, *shape, dtype=dtype))
+        self._dense_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def _apply(self, fn, recurse=True):
+        # Task vectors keep their configured storage dtype when the model changes dtype (`model.half()`,
+        # `model.to(torch.bfloat16)`); they only follow device moves. `fn` is probed on an empty tensor to learn
+        # the target device without converting (and copying) the stored values.
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                device = fn(torch.empty(0, dtype=buffer.dtype, device=buffer.device)).device
+                self._buffers[name] = buffer.to(device=device)
+        self._dense_cache.clear()
+        return self
+
+    @property
+    def is_sparse(self) -> bool:
+        """True when the task vectors are stored as indices and values."""
+        return self.sparsity > 0
+
+    def dense(self, name: str) -> torch.Tensor:
+        """The task vectors of tensor `name` as a dense (K, *shape) tensor in the storage dtype.
+
+        Sparse storage is expanded once and cached until the stored indices or values change (a load, a move
+        to another device).
+        """
+        if not self.is_sparse:
+            return getattr(self, name)
+        indices, values = getattr(self, f"{name}_indices"), getattr(self, f"{name}_values")
+        key = (indices.data_ptr(), indices._version, values.data_ptr(), values._version, values.device)
+        cached = self._dense_cache.get(name)
+        if cached is None or cached[0] != key:
+            shape = self.shapes[name]
+            dense = torch.zeros(values.shape[0], math.prod(shape), dtype=values.dtype, device=values.device)
+            dense.scatter_(1, indices.long(), values)
+            cached = (key, dense.view(values.shape[0], *shape))
+            self._dense_cache[name] = cached
+        return cached[1]
+
+    def set(self, name: str, task_vectors: torch.Tensor) -> None:
+        """Store the stacked (K, *shape) task vectors of tensor `name`, sparsifying them when configured."""
+        with torch.no_grad():
+            if self.is_sparse:
+                for k, tensor in enumerate(task_vectors):
+                    indices, values = sparsify_task_vector(tensor, self.sparsity)
+                    getattr(self, f"{name}_indices")[k].copy_(indices)
+                    getattr(self, f"{name}_values")[k].copy_(values)
+            else:
+                getattr(self, name).copy_(task_vectors)
+        self._dense_cache.pop(name, None)
+
+
+class WEMoEMLP(nn.Module):
+    """A CLIP MLP whose weights are mixed per input from the pretrained MLP and K expert task vectors."""
+
+    def __init__(self, config: WEMoECLIPVisionConfig, with_router: bool = True):
+        super().__init__()
+        self.config = config
+        self.activation_fn = ACT2FN[config.hidden_act]
+        # The pretrained MLP (W0), not the task-arithmetic one.
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.task_vectors = WEMoETaskVectors(config)
+        self.router = WEMoERouter(config) if with_router else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        router: WEMoERouter | None = None,
+        routing_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the MLP; returns `(output, routing_weights)` with routing weights of shape (B, K).
+
+        `router` is the shared router (when the model has one); `routing_weights` forces the routing:
+        a (K,) vector or a (B, K) table.
+        """
+        batch_size = hidden_states.shape[0]
+        if routing_weights is None:
+            routing_weights = (router or self.router)(hidden_states)
+        else:
+            routing_weights = routing_weights.to(device=hidden_states.device)
+            routing_weights = (
+                routing_weights.expand(batch_size, -1) if routing_weights.dim() == 1 else routing_weights
+            )
+        # Routing and accumulation run in at least float32, whatever the activation and storage dtypes.
+        routing_weights = routing_weights.to(torch.promote_types(routing_weights.dtype, torch.float32))
+
+        if self.config.routing == "batch":
+            mean = routing_weights.mean(dim=0, keepdim=True)
+            hidden_states = nn.functional.linear(
+                hidden_states, *self._merged_linear("fc1", mean, hidden_states.dtype)
+            )
+            hidden_states = self.activation_fn(hidden_states)
+            hidden_states = nn.functional.linear(
+                hidden_states, *self._merged_linear("fc2", mean, hidden_states.dtype)
+            )
+        else:
+            hidden_states = self._per_sample_linear("fc1", hidden_states, routing_weights)
+            hidden_states = self.activation_fn(hidden_states)
+            hidden_states = self._per_sample_linear("fc2", hidden_states, routing_weights)
+        return hidden_states, routing_weights
+
+    def _merged_linear(
+        self, name: str, routing: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One merged (weight, bias) for routing weights of shape (1, K)."""
+        linear = getattr(self, name)
+        out = []
+        for base, suffix in ((linear.weight, "weight"), (linear.bias, "bias")):
+            deltas = self.task_vectors.dense(f"{name}_{suffix}")
+            merged = torch.addmm(
+                base.reshape(1, -1).to(routing.dtype),
+                routing,
+                deltas.reshape(deltas.shape[0], -1).to(routing.dtype),
+            )
+            out.append(merged.view(base.shape).to(dtype))
+        return out[0], out[1]
+
+    def _per_sample_linear(
+        self, name: str, hidden_states: torch.Tensor, routing: torch.Tensor
+    ) -> torch.Tensor:
+        linear = getattr(self, name)
+        output = _PerSampleLinear.apply(
+            hidden_states, routing, linear.weight, self.task_vectors.dense(f"{name}_weight")
+        )
+        bias_deltas = self.task_vectors.dense(f"{name}_bias").to(routing.dtype)
+        bias = torch.addmm(linear.bias.to(routing.dtype).unsqueeze(0), routing, bias_deltas)
+        return output + bias.unsqueeze(1).to(output.dtype)
+
+    def merged_mlp_state(self, routing: torch.Tensor) -> dict[str, torch.Tensor]:
+        """fc1/fc2 weights and biases of the MLP merged with routing weights (K,): W0 + sum_k r_k tau_k."""
+        routing = routing.reshape(1, -1).to(device=self.fc1.weight.device, dtype=torch.float32)
+        state = {}
+        for name in ("fc1", "fc2"):
+            weight, bias = self._merged_linear(name, routing, getattr(self, name).weight.dtype)
+            state[f"{name}.weight"], state[f"{name}.bias"] = weight, bias
+        return state
+
+
+class WEMoECLIPEncoderLayer(nn.Module):
+    """A CLIP encoder layer (attention, MLP) whose MLP is a [`WEMoEMLP`] when the layer is an MoE layer."""
+
+    def __init__(self, config: WEMoECLIPVisionConfig, is_moe: bool):
+        super().__init__()
+        self.is_moe = is_moe
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if is_moe:
+            self.mlp = WEMoEMLP(config, with_router=not config.shared_router)
+        else:
+            self.mlp = CLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        router: WEMoERouter | None = None,
+        routing_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns `(hidden_states, attention_weights, routing_weights)`; the last is None for a static MLP."""
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states, attention_weights = self.self_attn(hidden_states=hidden_states, attention_mask=None)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.layer_norm2(hidden_states)
+        if self.is_moe:
+            hidden_states, routing_weights = self.mlp(
+                hidden_states, router=router, routing_weights=routing_weights
+            )
+        else:
+            hidden_states, routing_weights = self.mlp(hidden_states), None
+        return residual + hidden_states, attention_weights, routing_weights
+
+
+class WEMoECLIPEncoder(nn.Module):
+    """The stack of encoder layers, plus the router shared by every MoE layer when `shared_router` is set."""
+
+    def __init__(self, config: WEMoECLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        moe_layers = set(config.moe_layer_indices)
+        self.layers = nn.ModuleList(
+            [WEMoECLIPEncoderLayer(config, is_moe=i in moe_layers) for i in range(config.num_hidden_layers)]
+        )
+        self.router = WEMoERouter(config) if config.shared_router else None
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        force_routing: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple[torch.Tensor, ...]]:
+        """Returns `(last_hidden_state, hidden_states, attentions, routing_weights)`."""
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        all_routing = ()
+        for layer in self.layers:
+            forced = None
+            if force_routing is not None and layer.is_moe:
+                forced = _routing_for_layer(force_routing, len(all_routing))
+            hidden_states, attentions, routing = layer(
+                hidden_states, router=self.router, routing_weights=forced
+            )
+            if routing is not None:
+                all_routing += (routing,)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attentions,)
+        return hidden_states, all_hidden_states, all_attentions, all_routing
+
+
+@dataclass
+class WEMoEModelOutputWithPooling(BaseModelOutputWithPooling):
+    """[`BaseModelOutputWithPooling`] plus `routing_weights`: one (batch, num_experts) tensor per MoE layer."""
+
+    routing_weights: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class WEMoEVisionModelOutput(ModelOutput):
+    """Image embeddings (`visual_projection` of the pooled output) and the vision model's outputs."""
+
+    image_embeds: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    routing_weights: tuple[torch.Tensor, ...] | None = None
+
+
+class WEMoECLIPPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading conventions shared by the WEMoE CLIP models."""
+
+    config_class = WEMoECLIPVisionConfig
+    config: WEMoECLIPVisionConfig
+    base_model_prefix = "wemoe"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = ["WEMoECLIPEncoderLayer", "CLIPVisionEmbeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Routers start at `init_lambda` for every expert; CLIP modules use CLIP's initialisation."""
+        # Router layers are recognised by their role: transformers initialises leaf modules on their own.
+        role = getattr(module, "_router_role", None)
+        if role is not None:
+            init.normal_(module.weight, std=0.01)
+            init.constant_(module.bias, self.config.init_lambda if role == "output" else 0.0)
+        elif isinstance(module, WEMoERouter) and module.depth == 0:
+            init.constant_(module.bias, self.config.init_lambda)
+        elif isinstance(module, CLIPVisionEmbeddings):
+            factor = self.config.initializer_factor
+            init.normal_(module.class_embedding, std=module.embed_dim**-0.5 * factor)
+            init.normal_(module.patch_embedding.weight, std=self.config.initializer_range * factor)
+            init.normal_(module.position_embedding.weight, std=self.config.initializer_range * factor)
+            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+        elif isinstance(module, nn.Linear):
+            # Pretrained and expert weights always come from a checkpoint; these values only fill fresh models.
+            init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def post_init(self) -> None:
+        """Initialise weights, then make only router parameters trainable."""
+        super().post_init()
+        self.freeze_non_router_parameters()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load like any transformers model; only router parameters require gradients afterwards."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.freeze_non_router_parameters()
+        return model
+
+    def freeze_non_router_parameters(self) -> None:
+        """Only routers train: every other parameter gets `requires_grad=False`."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(_is_router_parameter(name))
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The parameters of every router (what router adaptation trains)."""
+        return [p for name, p in self.named_parameters() if _is_router_parameter(name)]
+
+
+def _is_router_parameter(name: str) -> bool:
+    return ".router." in f".{name}"
+
+
+class WEMoECLIPVisionModel(WEMoECLIPPreTrainedModel):
+    """A CLIP vision tower whose MLPs are weight-ensembling mixtures of experts.
+
+    Takes the inputs of [`CLIPVisionModel`] and returns its outputs, plus `routing_weights` (one (batch, K)
+    tensor per MoE layer) when called with `output_routing_weights=True`.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModel
+    >>> model = AutoModel.from_pretrained("org/wemoe-clip-vit-base-patch32", trust_remote_code=True)
+    >>> outputs = model(pixel_values, output_routing_weights=True)
+    >>> outputs.pooler_output.shape, len(outputs.routing_weights)
+    ```
+    """
+
+    def __init__(self, config: WEMoECLIPVisionConfig):
+        super().__init__(config)
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = WEMoECLIPEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_routing_weights: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        force_routing: torch.Tensor | None = None,
+        **kwargs,
+    ) -> WEMoEModelOutputWithPooling | tuple:
+        r"""
+        output_routing_weights (`bool`, *optional*):
+            Return the routing weights of every MoE layer, each of shape (batch, num_experts).
+        force_routing (`torch.Tensor`, *optional*):
+            Use these routing weights instead of the routers': shape (num_experts,) for every MoE layer, or
+            (num_moe_layers, num_experts) for one vector per MoE layer.
+        """
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        output_attentions = (
+            output_attentions if output_attentions is not None else self.config.output_attentions
+        )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if force_routing is not None:
+            force_routing = self._check_force_routing(force_routing)
+
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        hidden_states = self.pre_layrnorm(hidden_states)
+        last_hidden_state, hidden_states, attentions, routing = self.encoder(
+            hidden_states,
+            output_attentions=bool(output_attentions),
+            output_hidden_states=bool(output_hidden_states),
+            force_routing=force_routing,
+        )
+        pooled_output = self.post_layernorm(last_hidden_state[:, 0, :])
+        routing_weights = routing if output_routing_weights else None
+
+        if not return_dict:
+            outputs = (last_hidden_state, pooled_output, hidden_states, attentions, routing_weights)
+            return tuple(value for value in outputs if value is not None)
+        return WEMoEModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled_output,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            routing_weights=routing_weights,
+        )
+
+    @property
+    def moe_layers(self) -> list[WEMoEMLP]:
+        """The WEMoE MLP modules, in layer order."""
+        return [layer.mlp for layer in self.encoder.layers if layer.is_moe]
+
+    def _check_force_routing(self, routing: torch.Tensor) -> torch.Tensor:
+        routing = torch.as_tensor(routing, dtype=torch.float32)
+        num_layers, num_experts = len(self.moe_layers), self.config.num_experts
+        if routing.shape not in ((num_experts,), (num_layers, num_experts)):
+            raise ValueError(
+                f"routing weights must have shape ({num_experts},) or ({num_layers}, {num_experts}), "
+                f"got {tuple(routing.shape)}"
+            )
+        return routing
+
+    @torch.no_grad()
+    def collapse(self, routing: torch.Tensor | list) -> CLIPVisionModel:
+        """A plain `CLIPVisionModel` whose MLPs are W0 + sum_k r_k tau_k for fixed routing weights.
+
+        `routing` is one (K,) vector for every MoE layer, or a (num_moe_layers, K) table. The result is a
+        task-specific static model with no routing overhead; it computes what this model computes with the
+        same routing forced (`force_routing=routing`).
+        """
+        routing = self._check_force_routing(routing)
+        static = CLIPVisionModel(_static_config(self.config)).to(self.device)
+        state = {}
+        position = 0
+        for name, tensor in self.state_dict().items():
+            if ".mlp." not in name or not _is_layer_moe(self, name):
+                state[name] = tensor
+        for index, layer in enumerate(self.encoder.layers):
+            if layer.is_moe:
+                merged = layer.mlp.merged_mlp_state(_routing_for_layer(routing, position))
+                state.update({f"encoder.layers.{index}.mlp.{key}": value for key, value in merged.items()})
+                position += 1
+        static.load_state_dict(state, strict=True)
+        return static.to(self.dtype)
+
+
+def _is_layer_moe(model: WEMoECLIPVisionModel, key: str) -> bool:
+    index = int(key.split(".")[2])
+    return model.encoder.layers[index].is_moe
+
+
+def _static_config(config: WEMoECLIPVisionConfig) -> CLIPVisionConfig:
+    """The plain CLIP vision config of a WEMoE config (its architecture fields only)."""
+    fields = CLIPVisionConfig().to_dict()
+    values = {key: value for key, value in config.to_dict().items() if key in fields and key != "model_type"}
+    values.pop("transformers_version", None)
+    values.pop("architectures", None)
+    return CLIPVisionConfig(**values)
+
+
+class WEMoECLIPVisionModelWithProjection(WEMoECLIPPreTrainedModel):
+    """[`WEMoECLIPVisionModel`] with the base CLIP model's `visual_projection`, returning `image_embeds`.
+
+    For CLIP zero-shot classification: compare the L2-normalised `image_embeds` with text embeddings of class
+    prompts from the base model's text tower.
+    """
+
+    base_model_prefix = "vision_model"
+
+    def __init__(self, config: WEMoECLIPVisionConfig):
+        super().__init__(config)
+        self.vision_model = WEMoECLIPVisionModel(config)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_routing_weights: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        force_routing: torch.Tensor | None = None,
+        **kwargs,
+    ) -> WEMoEVisionModelOutput | tuple:
+        """Same inputs as [`WEMoECLIPVisionModel`]; adds `image_embeds` to its outputs."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.vision_model(
+            pixel_values=pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_routing_weights=output_routing_weights,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+            force_routing=force_routing,
+        )
+        image_embeds = self.visual_projection(outputs.pooler_output)
+        result = WEMoEVisionModelOutput(
+            image_embeds=image_embeds,
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=outputs.pooler_output,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            routing_weights=outputs.routing_weights,
+        )
+        return result if return_dict else result.to_tuple()
+
+    @torch.no_grad()
+    def collapse(self, routing: torch.Tensor | list) -> CLIPVisionModelWithProjection:
+        """A plain `CLIPVisionModelWithProjection` for fixed routing weights (see `WEMoECLIPVisionModel.collapse`)."""
+        vision = self.vision_model.collapse(routing)
+        static = CLIPVisionModelWithProjection(vision.config).to(device=self.device, dtype=self.dtype)
+        static.vision_model.load_state_dict(vision.state_dict())
+        static.visual_projection.load_state_dict(self.visual_projection.state_dict())
+        return static
+
+
+WEMoECLIPVisionConfig.register_for_auto_class()
+WEMoECLIPVisionModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "WEMoECLIPPreTrainedModel",
+    "WEMoECLIPVisionModel",
+    "WEMoECLIPVisionModelWithProjection",
+    "WEMoEMLP",
+    "WEMoERouter",
+    "WEMoETaskVectors",
+    "num_kept_entries",
+    "sparsify_task_vector",
+]
