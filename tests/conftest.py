@@ -1,0 +1,37 @@
+"""Test-session setup: the local Hub server, isolated caches, shared fixtures.
+
+The Hub server must be running and HF_ENDPOINT set before huggingface_hub is first imported (it fixes its
+endpoint at import), so this runs at the very top of the session, before any test module is imported.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+from hub_server import HubServer, configure_environ  # tests/ is on sys.path (no tests/__init__.py)
+
+_SESSION_CACHE = tempfile.mkdtemp(prefix="hf-wemoe-tests-")
+HUB = HubServer(os.path.join(_SESSION_CACHE, "hub_store")).start()
+# HF_ENDPOINT, HF_HOME, HF_TOKEN, telemetry off, HF_HUB_DISABLE_XET=1; raises if huggingface_hub is imported
+configure_environ(HUB, os.path.join(_SESSION_CACHE, "hf_home"))
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+atexit.register(HUB.stop)
+# Package caches (zero-shot heads, toy zoo) live in the session folder too.
+os.environ["HF_WEMOE_CACHE"] = os.path.join(_SESSION_CACHE, "hf_wemoe")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hub_server() -> HubServer:
+    """The session's local Hub server (127.0.0.1, free port)."""
+    return HUB
+
+
+@pytest.fixture(autouse=True)
+def _reset_hub_faults():
+    yield
+    HUB.clear_failures()

@@ -1,0 +1,182 @@
+"""Model sources: references, checkpoint layouts (transformers 4/5, full CLIP, shards, pickle), bad files.
+
+The `write_checkpoint` helper here is also used by the merge tests to build inputs in every layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
+
+from hf_wemoe.errors import SourceError
+from hf_wemoe.sources import open_source, parse_reference
+from tiny_models import make_base_and_experts
+
+LAYOUTS = ("v5", "v4", "clip", "sharded")
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    vocab_size=64,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+
+
+def write_checkpoint(model: CLIPVisionModel, folder: Path, layout: str = "v5") -> Path:
+    """Save a CLIP vision tower the way different tools do.
+
+    v5: `save_pretrained` of transformers 5 (no key prefix); v4: safetensors with the `vision_model.` prefix and
+    the `position_ids` buffer, as transformers 4 saved it; clip: a full `CLIPModel` holding this vision tower;
+    sharded: v5 split into several files with an index; pickle: v4 keys in `pytorch_model.bin` only.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
+    if layout == "v5":
+        model.save_pretrained(folder)
+    elif layout == "sharded":
+        model.save_pretrained(folder, max_shard_size="40KB")
+    elif layout in ("v4", "pickle"):
+        prefixed = {f"vision_model.{key}": tensor for key, tensor in state.items()}
+        num_positions = model.config.image_size // model.config.patch_size
+        prefixed["vision_model.embeddings.position_ids"] = torch.arange(num_positions**2 + 1).unsqueeze(0)
+        if layout == "v4":
+            save_file(prefixed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            torch.save(prefixed, folder / "pytorch_model.bin")
+        model.config.save_pretrained(folder)
+    elif layout == "clip":
+        config = CLIPConfig(
+            vision_config=model.config.to_dict(),
+            text_config=TINY_TEXT,
+            projection_dim=model.config.projection_dim,
+        )
+        clip = CLIPModel(config)
+        clip.vision_model.load_state_dict(state)
+        clip.save_pretrained(folder)
+    else:
+        raise ValueError(layout)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    base, experts = make_base_and_experts(num_experts=1, seed=0)
+    return base, experts["task0"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    base, _ = tiny
+    return {layout: write_checkpoint(base, root / layout, layout) for layout in (*LAYOUTS, "pickle")}
+
+
+def test_parse_reference(tmp_path):
+    ref = parse_reference("openai/clip-vit-base-patch32")
+    assert (ref.repo_id, ref.revision, ref.is_local) == ("openai/clip-vit-base-patch32", None, False)
+    ref = parse_reference("tanganke/clip-vit-base-patch32_mnist@v1.0")
+    assert (ref.repo_id, ref.revision) == ("tanganke/clip-vit-base-patch32_mnist", "v1.0")
+    assert ref.pinned("a" * 40) == "tanganke/clip-vit-base-patch32_mnist@" + "a" * 40
+    assert parse_reference(str(tmp_path)).path == tmp_path.resolve()
+    assert parse_reference(str(tmp_path)).pinned("sha256:x") == str(tmp_path)
+    for bad in ("", "./missing-folder", "/no/such/folder", "a/b/c", "org/name@", "bad name"):
+        with pytest.raises(SourceError):
+            parse_reference(bad)
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"x")
+    with pytest.raises(SourceError, match="is a file"):
+        parse_reference(str(file))
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "pickle"])
+def test_layouts_give_the_vision_tower_in_one_key_layout(tiny, checkpoints, layout):
+    base, _ = tiny
+    source = open_source(str(checkpoints[layout]), allow_pickle=layout == "pickle")
+    reference = base.state_dict()
+    assert source.keys == list(reference)
+    for key, tensor in reference.items():
+        assert source.shape(key) == tuple(tensor.shape)
+        assert torch.equal(source.get(key), tensor), key
+    assert source.config.hidden_size == base.config.hidden_size
+    assert source.config.num_hidden_layers == base.config.num_hidden_layers
+    assert source.config.model_type == "clip_vision_model"
+    assert source.commit.startswith("sha256:")
+    assert source.provenance()["source"] == "local"
+    expected_layout = {"v4": "clip_vision_prefixed", "pickle": "clip_vision_prefixed", "clip": "clip"}
+    assert source.layout == expected_layout.get(layout, "clip_vision")
+
+
+def test_pickle_only_checkpoints_are_refused_unless_allowed(checkpoints):
+    with pytest.raises(SourceError) as info:
+        open_source(str(checkpoints["pickle"]))
+    message = str(info.value)
+    assert "pytorch_model.bin" in message and "arbitrary code" in message and "--allow-pickle" in message
+    assert "\n" not in message
+
+
+def test_local_revision_is_a_content_hash(tiny, tmp_path):
+    base, expert = tiny
+    first = open_source(str(write_checkpoint(base, tmp_path / "a"))).commit
+    again = open_source(str(write_checkpoint(base, tmp_path / "b"))).commit
+    other = open_source(str(write_checkpoint(expert, tmp_path / "c"))).commit
+    assert first == again != other
+    assert open_source(str(tmp_path / "a"), hash_local=False).commit is None
+
+
+def test_corrupt_safetensors_are_reported(tiny, tmp_path):
+    base, _ = tiny
+    folder = write_checkpoint(base, tmp_path / "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(SourceError, match="corrupt or incomplete") as info:
+        open_source(str(folder))
+    assert "model.safetensors" in str(info.value)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(SourceError, match="corrupt or incomplete"):
+        open_source(str(folder))
+
+
+def test_bad_checkpoints_are_reported(tiny, tmp_path):
+    base, _ = tiny
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps(base.config.to_dict()))
+    with pytest.raises(SourceError, match="no model weights"):
+        open_source(str(empty))
+
+    folder = write_checkpoint(base, tmp_path / "text")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    with pytest.raises(SourceError, match="'bert' model"):
+        open_source(str(folder))
+
+    # Weights that do not match their own config (two layers missing).
+    folder = write_checkpoint(base, tmp_path / "mismatch")
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 5}))
+    with pytest.raises(SourceError, match="lacks tensor 'encoder.layers.3"):
+        open_source(str(folder))
+
+    folder = write_checkpoint(base, tmp_path / "no-config")
+    (folder / "config.json").unlink()
+    with pytest.raises(SourceError, match="no config.json"):
+        open_source(str(folder))
+
+
+def test_a_missing_shard_is_reported(tiny, tmp_path):
+    base, _ = tiny
+    folder = write_checkpoint(base, tmp_path / "sharded", "sharded")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(SourceError, match="missing"):
+        open_source(str(folder))
