@@ -1,0 +1,48 @@
+"""Output folders that appear whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import WEMoEError
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output (unless `overwrite`) before any expensive work starts."""
+    path = Path(path).expanduser()
+    if path.exists() and not overwrite:
+        raise WEMoEError(
+            f"output {path} already exists; pass --overwrite to replace it or choose another folder"
+        )
+    if path.exists() and not path.is_dir():
+        raise WEMoEError(f"output {path} exists and is not a folder")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path`, on any error it is deleted.
+
+    Nothing is left at `path` by a failed run, and an existing folder is only replaced once the new one is
+    complete.
+    """
+    path = check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield staging
+        if path.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, trash / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
