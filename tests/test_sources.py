@@ -60,7 +60,7 @@ def write_checkpoint(model: CLIPVisionModel, folder: Path, layout: str = "v5") -
             text_config=TINY_TEXT,
             projection_dim=model.config.projection_dim,
         )
-        clip = CLIPModel(config)
+        clip = CLIPModel(config).to(model.dtype)
         clip.vision_model.load_state_dict(state)
         clip.save_pretrained(folder)
     else:

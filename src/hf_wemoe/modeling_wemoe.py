@@ -27,9 +27,14 @@ from .configuration_wemoe import WEMoECLIPVisionConfig
 # Names of the four MLP tensors that carry task vectors, and the nn.Linear they belong to.
 MLP_TENSORS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
-# Per-sample merged weights are built a block of output rows at a time so that the block (batch x rows x in)
-# stays small and is never kept for backward. About this many elements per block.
-MERGE_BLOCK_ELEMENTS = 1 << 21
+# Per-sample merged weights are built one block (samples x output rows x in) at a time, so that a block stays in
+# the CPU's L2 cache between being written and being consumed and nothing of size batch x weight is ever alive.
+# At most about this many elements per block on CPU (see BENCHMARKS.md for how it was tuned)...
+MERGE_BLOCK_ELEMENTS = 1 << 19
+# ...but no fewer output rows than this: narrow blocks make the per-sample GEMMs inefficient.
+MIN_BLOCK_ROWS = 32
+# On accelerators the block only bounds memory; large blocks mean few kernel launches.
+ACCELERATOR_MERGE_BLOCK_ELEMENTS = 1 << 24
 
 
 def num_kept_entries(numel: int, sparsity: float) -> int:
@@ -46,7 +51,10 @@ def sparsify_task_vector(tensor: torch.Tensor, sparsity: float) -> tuple[torch.T
     """
     flat = tensor.reshape(-1)
     keep = num_kept_entries(flat.numel(), sparsity)
-    indices = torch.topk(flat.float().abs(), keep, sorted=False).indices.sort().values
+    # A mask + nonzero gives the kept indices in increasing order, several times faster than sorting them.
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[torch.topk(flat.float().abs(), keep, sorted=False).indices] = True
+    indices = mask.nonzero().squeeze(1)
     return indices.to(torch.int32), flat[indices]
 
 
@@ -56,57 +64,165 @@ def _routing_for_layer(force_routing: torch.Tensor, position: int) -> torch.Tens
 
 
 class _PerSampleLinear(torch.autograd.Function):
-    """`y[b] = x[b] @ (W0 + sum_k r[b, k] tau[k]).T` for every sample b, with gradients for x and r only.
+    """`y[b] = x[b] @ (W0 + sum_k r[b, k] tau[k]).T + (b0 + sum_k r[b, k] beta[k])` for every sample b.
 
-    The merged weight of each sample is built one block of output rows at a time (one small GEMM over the
-    expert axis), used at once and dropped. Backward rebuilds the blocks instead of keeping B merged matrices
-    alive: dx[b] = dy[b] @ W[b] and dr[b, k] = <tau[k], dy[b].T @ x[b]>.
+    The merged weights are never materialised for the whole batch: they are built one block (a group of samples
+    times a block of output rows) at a time by a single GEMM over the expert axis, used at once by a batched GEMM
+    and overwritten by the next block. Backward rebuilds the blocks instead of keeping merged weights alive:
+    dx[b] = dy[b] @ W[b], and with G[b] = dy[b].T @ x[b] (summed over tokens), dr[b, k] = <tau[k], G[b]> and
+    d[W0; tau] = [1, r].T @ G. All merging and routing arithmetic runs in the routing dtype (at least float32).
     """
 
     @staticmethod
-    def forward(ctx, x, routing, base_weight, task_vectors):  # noqa: D102
-        ctx.save_for_backward(x, routing, base_weight, task_vectors)
-        out_features = base_weight.shape[0]
-        blocks = [
-            torch.bmm(
-                x, _merged_rows(routing, base_weight, task_vectors, start, stop, x.dtype).transpose(1, 2)
-            )
-            for start, stop in _row_blocks(out_features, x.shape[0], base_weight.shape[1])
-        ]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+    def forward(ctx, x, routing, weight, bias, weight_deltas, bias_deltas):  # noqa: D102
+        ctx.save_for_backward(x, routing, weight, bias, weight_deltas, bias_deltas)
+        batch, tokens, in_features = x.shape
+        out_features = weight.shape[0]
+        bias_rows = torch.addmm(bias.to(routing.dtype).unsqueeze(0), routing, bias_deltas.to(routing.dtype))
+        bias_rows = bias_rows.to(x.dtype).unsqueeze(1)
+        output = x.new_empty(batch, tokens, out_features)
+        blocks = _MergeBlocks(x, routing, weight, weight_deltas)
+        staging = None if blocks.rows == out_features else x.new_empty(blocks.group * tokens * blocks.rows)
+        for start, stop in blocks.row_ranges():
+            for first, last in blocks.sample_ranges():
+                merged = blocks.merged(first, last).transpose(1, 2)
+                block_bias = bias_rows[first:last, :, start:stop]
+                if staging is None:  # the block covers every output row: write in place
+                    torch.baddbmm(block_bias, x[first:last], merged, out=output[first:last])
+                else:
+                    # A strided `out=` makes baddbmm fall back to one GEMM per sample: stage, then copy.
+                    part = staging[: (last - first) * tokens * (stop - start)]
+                    part = part.view(last - first, tokens, stop - start)
+                    torch.baddbmm(block_bias, x[first:last], merged, out=part)
+                    output[first:last, :, start:stop] = part
+        return output
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
-        x, routing, base_weight, task_vectors = ctx.saved_tensors
-        need_x, need_routing = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_routing = torch.zeros_like(routing) if need_routing else None
-        num_experts = task_vectors.shape[0]
-        for start, stop in _row_blocks(base_weight.shape[0], x.shape[0], base_weight.shape[1]):
-            grad_block = grad_output[:, :, start:stop]
-            if need_x:
-                merged = _merged_rows(routing, base_weight, task_vectors, start, stop, x.dtype)
-                grad_x.baddbmm_(grad_block, merged)
-            if need_routing:
-                # Sum over tokens of the outer products dy_t x_t^T, for this block of rows: (B, rows, in).
-                outer = torch.bmm(grad_block.transpose(1, 2), x).to(routing.dtype)
-                block = task_vectors[:, start:stop].reshape(num_experts, -1).to(routing.dtype)
-                grad_routing.addmm_(outer.reshape(outer.shape[0], -1), block.t())
-        return grad_x, grad_routing, None, None
+        x, routing, weight, bias, weight_deltas, bias_deltas = ctx.saved_tensors
+        need_x, need_routing, need_weight, need_bias, need_deltas, need_bias_deltas = ctx.needs_input_grad
+        acc = routing.dtype
+        grad_x = grad_routing = grad_weight = grad_bias = grad_deltas = grad_bias_deltas = None
+
+        # Bias terms: every token of sample b adds b0 + sum_k r[b, k] beta[k].
+        token_sums = grad_output.sum(dim=1, dtype=acc)  # (B, out)
+        if need_routing:
+            grad_routing = token_sums @ bias_deltas.to(acc).t()
+        if need_bias:
+            grad_bias = token_sums.sum(dim=0).to(bias.dtype)
+        if need_bias_deltas:
+            grad_bias_deltas = (routing.t() @ token_sums).to(bias_deltas.dtype)
+
+        need_outer = need_routing or need_weight or need_deltas
+        if not (need_x or need_outer):
+            return grad_x, grad_routing, grad_weight, grad_bias, grad_deltas, grad_bias_deltas
+        blocks = _MergeBlocks(x, routing, weight, weight_deltas)
+        if need_x:
+            grad_x = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        if need_weight or need_deltas:
+            # Gradients of the frozen tensors are only built when someone unfroze them.
+            grad_stack = torch.zeros(weight_deltas.shape[0] + 1, weight.numel(), dtype=acc, device=x.device)
+        outer = torch.empty(blocks.group * blocks.rows * x.shape[2], dtype=acc, device=x.device)
+        for start, stop in blocks.row_ranges():
+            for first, last in blocks.sample_ranges():
+                grad_block = grad_output[first:last, :, start:stop]
+                if need_x:
+                    grad_x[first:last].baddbmm_(grad_block, blocks.merged(first, last))
+                if need_outer:
+                    # G for this block: sum over tokens of dy_t x_t^T, flattened to (samples, rows * in).
+                    size = (last - first) * blocks.block_numel
+                    block_outer = outer[:size].view(last - first, -1)
+                    products = block_outer.view(last - first, stop - start, -1)
+                    if x.dtype == acc:
+                        torch.bmm(grad_block.transpose(1, 2), x[first:last], out=products)
+                    else:
+                        products.copy_(torch.bmm(grad_block.transpose(1, 2), x[first:last]))
+                    base, deltas = blocks.experts()
+                    if need_routing:
+                        grad_routing[first:last].addmm_(block_outer, deltas.t())
+                    if need_weight or need_deltas:
+                        columns = slice(start * x.shape[2], stop * x.shape[2])
+                        coefficients = blocks.coefficients[first:last]
+                        grad_stack[:, columns].addmm_(coefficients.t(), block_outer)
+        if need_weight:
+            grad_weight = grad_stack[0].view(weight.shape).to(weight.dtype)
+        if need_deltas:
+            grad_deltas = grad_stack[1:].view(weight_deltas.shape).to(weight_deltas.dtype)
+        return grad_x, grad_routing, grad_weight, grad_bias, grad_deltas, grad_bias_deltas
 
 
-def _row_blocks(out_features: int, batch_size: int, in_features: int) -> list[tuple[int, int]]:
-    rows = max(1, min(out_features, MERGE_BLOCK_ELEMENTS // max(1, batch_size * in_features)))
-    return [(start, min(start + rows, out_features)) for start in range(0, out_features, rows)]
+def _block_plan(batch: int, out_features: int, in_features: int, device: torch.device) -> tuple[int, int]:
+    """`(rows, samples)` of one merged-weight block: balanced splits within the device's block budget."""
+    budget = MERGE_BLOCK_ELEMENTS if device.type == "cpu" else ACCELERATOR_MERGE_BLOCK_ELEMENTS
+    rows = min(out_features, max(MIN_BLOCK_ROWS, budget // max(1, batch * in_features)))
+    rows = math.ceil(out_features / math.ceil(out_features / rows))
+    group = max(1, min(batch, budget // (rows * in_features)))
+    group = math.ceil(batch / math.ceil(batch / group))
+    return rows, group
 
 
-def _merged_rows(routing, base_weight, task_vectors, start, stop, dtype) -> torch.Tensor:
-    """Rows `start:stop` of every sample's merged weight, (B, rows, in), accumulated in the routing dtype."""
-    num_experts, _, in_features = task_vectors.shape
-    base = base_weight[start:stop].reshape(1, -1).to(routing.dtype)
-    deltas = task_vectors[:, start:stop].reshape(num_experts, -1).to(routing.dtype)
-    merged = torch.addmm(base, routing, deltas)
-    return merged.view(routing.shape[0], stop - start, in_features).to(dtype)
+class _MergeBlocks:
+    """Builds blocks of per-sample merged weights W0 + sum_k r[b, k] tau[k] in reusable workspaces.
+
+    Iterate `row_ranges()` (which loads W0 and tau rows, converted to the routing dtype) and, inside,
+    `sample_ranges()`; `merged(first, last)` is then the (samples, rows, in) block in the input's dtype, valid
+    until the next call. Small single-group batches merge straight from the stored tensors (one broadcast copy
+    of W0 per sample); larger ones first stage the K + 1 expert rows once and combine them with one GEMM whose
+    leading coefficient 1 selects W0.
+    """
+
+    def __init__(self, x: torch.Tensor, routing: torch.Tensor, weight: torch.Tensor, deltas: torch.Tensor):
+        batch, _, in_features = x.shape
+        self.acc, self.dtype = routing.dtype, x.dtype
+        self.routing, self.weight, self.deltas = routing, weight, deltas
+        self.batch, self.in_features, self.out_features = batch, in_features, weight.shape[0]
+        self.rows, self.group = _block_plan(batch, self.out_features, in_features, x.device)
+        num_experts = deltas.shape[0]
+        stored_in_acc = weight.dtype == self.acc and deltas.dtype == self.acc
+        self.direct = stored_in_acc and self.group == batch and batch <= 2 * (num_experts + 1)
+        self.coefficients = torch.cat([routing.new_ones(batch, 1), routing], dim=1)
+        self.block_numel = self.rows * in_features
+        self.stack = None
+        if not self.direct:
+            self.stack = torch.empty(num_experts + 1, self.block_numel, dtype=self.acc, device=x.device)
+        size = self.group * self.block_numel
+        self.workspace = torch.empty(size, dtype=self.acc, device=x.device)
+        self.cast = None if self.dtype == self.acc else torch.empty(size, dtype=self.dtype, device=x.device)
+        self.start = self.stop = 0
+
+    def row_ranges(self):
+        for start in range(0, self.out_features, self.rows):
+            self.start, self.stop = start, min(start + self.rows, self.out_features)
+            self.block_numel = (self.stop - self.start) * self.in_features
+            base = self.weight[self.start : self.stop].reshape(1, -1)
+            deltas = self.deltas[:, self.start : self.stop].reshape(self.deltas.shape[0], -1)
+            if self.stack is None:
+                self._base, self._deltas = base, deltas
+            else:
+                staged = self.stack[:, : self.block_numel]
+                staged[0].copy_(base[0])
+                staged[1:].copy_(deltas)
+                self._base, self._deltas = staged[:1], staged[1:]
+            yield self.start, self.stop
+
+    def sample_ranges(self):
+        for first in range(0, self.batch, self.group):
+            yield first, min(first + self.group, self.batch)
+
+    def experts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W0 rows (1, rows * in) and tau rows (K, rows * in) of the current block, in the routing dtype."""
+        return self._base, self._deltas
+
+    def merged(self, first: int, last: int) -> torch.Tensor:
+        size = (last - first) * self.block_numel
+        merged = self.workspace[:size].view(last - first, self.block_numel)
+        if self.direct:
+            torch.addmm(self._base, self.routing[first:last], self._deltas, out=merged)
+        else:
+            torch.mm(self.coefficients[first:last], self.stack[:, : self.block_numel], out=merged)
+        if self.cast is not None:
+            merged = self.cast[:size].view_as(merged).copy_(merged)
+        return merged.view(last - first, self.stop - self.start, self.in_features)
 
 
 class WEMoERouter(nn.Module):
@@ -282,12 +398,16 @@ class WEMoEMLP(nn.Module):
         self, name: str, hidden_states: torch.Tensor, routing: torch.Tensor
     ) -> torch.Tensor:
         linear = getattr(self, name)
+        tokens = hidden_states.reshape(hidden_states.shape[0], -1, hidden_states.shape[-1])
         output = _PerSampleLinear.apply(
-            hidden_states, routing, linear.weight, self.task_vectors.dense(f"{name}_weight")
+            tokens,
+            routing,
+            linear.weight,
+            linear.bias,
+            self.task_vectors.dense(f"{name}_weight"),
+            self.task_vectors.dense(f"{name}_bias"),
         )
-        bias_deltas = self.task_vectors.dense(f"{name}_bias").to(routing.dtype)
-        bias = torch.addmm(linear.bias.to(routing.dtype).unsqueeze(0), routing, bias_deltas)
-        return output + bias.unsqueeze(1).to(output.dtype)
+        return output.view(*hidden_states.shape[:-1], output.shape[-1])
 
     def merged_mlp_state(self, routing: torch.Tensor) -> dict[str, torch.Tensor]:
         """fc1/fc2 weights and biases of the MLP merged with routing weights (K,): W0 + sum_k r_k tau_k."""

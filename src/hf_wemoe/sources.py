@@ -19,9 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,9 +108,7 @@ def parse_reference(text: str) -> ModelReference:
             )
         return ModelReference(text=text, path=path.resolve())
     repo_id, _, revision = text.partition("@")
-    looks_like_path = (
-        text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in repo_id.replace("/", "")
-    )
+    looks_like_path = text.startswith((".", "/", "~", "\\")) or repo_id.count("/") > 1
     if looks_like_path or not _HUB_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
         raise SourceError(
             f"'{text}' is neither an existing local folder nor a Hub repo id (org/name[@revision]); "
@@ -255,13 +252,7 @@ class ModelSource:
 
     def total_numel(self) -> int:
         """Number of elements in the vision tower's tensors."""
-        total = 0
-        for key in self._names:
-            numel = 1
-            for size in self.shape(key):
-                numel *= size
-            total += numel
-        return total
+        return sum(math.prod(self.shape(key)) for key in self._names)
 
 
 def open_source(
@@ -294,6 +285,9 @@ def open_source(
         reference=ref, folder=folder, config=config, layout="", commit=commit, weight_files=weights
     )
     _index_tensors(source, files)
+    logger.debug(
+        "opened %s: %s layout, %d tensors, revision %s", ref.text, source.layout, len(source.keys), commit
+    )
     return source
 
 
@@ -484,18 +478,11 @@ def _index_tensors(source: ModelSource, files: list[SafetensorsFile | PickleFile
             )
 
 
-def iter_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every vision tower tensor of `source`, one at a time."""
-    for key in source.keys:
-        yield key, source.get(key)
-
-
 __all__ = [
     "ModelReference",
     "ModelSource",
     "SafetensorsFile",
     "expected_keys",
-    "iter_tensors",
     "open_source",
     "parse_reference",
     "read_vision_config",
