@@ -59,13 +59,15 @@ def make_adaptation_world(root: Path) -> dict[str, Path]:
             {k: v + 0.2 * torch.randn(v.shape, generator=generator) for k, v in base.state_dict().items()}
         )
         experts[name] = expert.eval()
-    experts["stripes"].save_pretrained(root / "expert")
+    for name, expert in experts.items():
+        expert.save_pretrained(root / f"expert-{name}")
     model = build_wemoe(base.eval(), experts, base_model_ref=str(clip_dir))
     model.save_pretrained(root / "wemoe")
     return {
         "clip": clip_dir,
         "wemoe": root / "wemoe",
-        "expert": root / "expert",
+        "expert": root / "expert-stripes",
+        "expert-blocks": root / "expert-blocks",
         "blocks": make_task_dataset(root / "blocks", "blocks", 24, seed=0),
         "stripes": make_task_dataset(root / "stripes", "stripes", 24, seed=1),
     }
