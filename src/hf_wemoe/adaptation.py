@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .cards import write_card
 from .classification import (
     ZeroShotClassifier,
     default_clip_ref,
@@ -20,6 +24,8 @@ from .modeling_wemoe import WEMoECLIPVisionModel
 from .outputs import atomic_output_dir, check_output_dir
 from .plots import plot_routing
 from .training import TrainOptions, adapt_routers
+
+logger = logging.getLogger(__name__)
 
 
 class TaskOptions(BaseModel):
@@ -68,6 +74,15 @@ class TrainConfig(TaskOptions, TrainOptions):
     report_to: list[str] = Field(
         default_factory=list, description="accelerate trackers to log to (repeatable)"
     )
+    evaluate_baseline: bool = Field(
+        True,
+        description="also evaluate the model as it was before adaptation, on the same data with the same heads, "
+        "as a baseline in eval_results.json and the model card",
+    )
+    push_to_hub: str | None = Field(
+        None, description="push the adapted model folder to this Hub repo (ORG/NAME) with its model card"
+    )
+    private: bool = Field(False, description="create the --push-to-hub repo as private")
 
 
 def _require(value, flag: str):
@@ -111,20 +126,41 @@ def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
     device = config.device or _default_device()
     classifier.to(device)
     result = evaluate_tasks(classifier, tasks, config.eval_batch_size, device, progress=progress)
-    payload = {"model": config.model, "routing": _routing(classifier), **result.to_dict()}
+    payload = {
+        "model": config.model,
+        "routing": _routing(classifier),
+        **result.to_dict(),
+        "datasets": {task.name: config.task[task.name] for task in tasks},
+    }
     write_results(config.output_json, payload)
     return result
 
 
 def run_train(config: TrainConfig, progress: bool = True) -> dict:
-    """Adapt the routers of a WEMoE model and write the adapted model folder (atomically)."""
+    """Adapt the routers of a WEMoE model and write the adapted model folder (atomically).
+
+    The folder gets the model, its image processor, eval_results.json (accuracy per task, and the model before
+    adaptation as a baseline), routing.png and a model card; with `push_to_hub` it is then pushed to the Hub
+    (`summary["push"]` holds the `PushResult`).
+    """
     output = check_output_dir(_require(config.output, "--output"), config.overwrite)
+    if config.push_to_hub:
+        from .push import check_repo_id, check_token
+
+        check_repo_id(config.push_to_hub)
+        check_token()
     classifier, tasks, processor = _load(config, require_labels=config.objective == "supervised")
     if not classifier.is_wemoe:
         raise WEMoEError(
             f"{config.model} is a static CLIP vision model with no routers to adapt; merge it with "
             "`hf-wemoe merge --method wemoe` (or e-wemoe) first"
         )
+    labelled = [t for t in tasks if t.data.label_column is not None]
+    evaluate = config.evaluate and bool(labelled)
+    # The routers before adaptation (small): the baseline is evaluated with them after training.
+    initial_routers = (
+        _router_state(classifier.vision_model) if evaluate and config.evaluate_baseline else None
+    )
     checkpoint_dir = config.checkpoint_dir or f"{output}-checkpoints"
     summary = adapt_routers(
         classifier,
@@ -139,10 +175,12 @@ def run_train(config: TrainConfig, progress: bool = True) -> dict:
     if not summary["is_main_process"]:
         return summary
     vision: WEMoECLIPVisionModel = classifier.vision_model
-    labelled = [t for t in tasks if t.data.label_column is not None]
-    result = None
-    if config.evaluate and labelled:
+    result = baseline = None
+    if evaluate:
         result = evaluate_tasks(classifier, labelled, config.eval_batch_size, progress=progress)
+    if initial_routers is not None:
+        with _routers_swapped(vision, initial_routers):
+            baseline = evaluate_tasks(classifier, labelled, config.eval_batch_size, progress=progress)
     with atomic_output_dir(output, overwrite=config.overwrite) as staging:
         vision.config.provenance = {
             **(vision.config.provenance or {}),
@@ -158,19 +196,69 @@ def run_train(config: TrainConfig, progress: bool = True) -> dict:
         vision.save_pretrained(staging)
         processor.save_pretrained(staging)
         if result is not None:
-            write_results(
-                staging / "eval_results.json",
-                {"model": str(output), "routing": _routing(classifier), **result.to_dict()},
-            )
+            payload = {
+                "model": str(output),
+                "routing": _routing(classifier),
+                **result.to_dict(),
+                "datasets": {task.name: config.task[task.name] for task in labelled},
+            }
+            if baseline is not None:
+                payload["baselines"] = [{"name": "before adaptation", **baseline.to_dict()}]
+            write_results(staging / "eval_results.json", payload)
             plot_routing(
                 result.routing,
                 list(vision.config.expert_names),
                 staging / "routing.png",
                 layers=vision.config.moe_layer_indices,
             )
+        try:
+            write_card(staging, model_id=output.name)
+        except WEMoEError as err:  # the adapted model matters more than its card
+            logger.warning("no model card written for %s: %s", output, err)
     summary["output"] = str(output)
     summary["result"] = result
+    summary["baseline"] = baseline
+    summary["push"] = None
+    if config.push_to_hub:
+        from .push import push_folder
+
+        try:
+            summary["push"] = push_folder(
+                output, config.push_to_hub, private=config.private, show_progress=None if progress else False
+            )
+        except WEMoEError as err:
+            raise WEMoEError(
+                f"saved the adapted model to {output}, but the push failed: {err} (retry with: hf-wemoe push "
+                f"{output} --repo-id {config.push_to_hub})"
+            ) from err
     return summary
+
+
+def _router_state(model: WEMoECLIPVisionModel) -> dict:
+    """A copy of the router parameters (what adaptation changes)."""
+    return {
+        name: parameter.detach().clone()
+        for name, parameter in model.named_parameters()
+        if ".router." in f".{name}"
+    }
+
+
+@contextlib.contextmanager
+def _routers_swapped(model: WEMoECLIPVisionModel, routers: dict) -> Iterator[None]:
+    """Run with other router parameters in place, then put the current ones back."""
+    import torch
+
+    parameters = dict(model.named_parameters())
+    current = {name: parameters[name].detach().clone() for name in routers}
+    with torch.no_grad():
+        for name, value in routers.items():
+            parameters[name].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in current.items():
+                parameters[name].copy_(value)
 
 
 def format_results(result: EvalResult, name: str) -> str:

@@ -83,6 +83,9 @@ def load_vision_model(ref: str, dtype: torch.dtype | None = None) -> tuple[nn.Mo
         if config.model_type == "clip":
             clip = CLIPModel.from_pretrained(repo, **kwargs)
             return clip.vision_model, clip.visual_projection
+        if config.model_type == "wemoe_clip":  # a full CLIP with a WEMoE vision tower
+            clip = AutoModel.from_pretrained(repo, **kwargs)
+            return clip.vision_model, clip.visual_projection
         if config.model_type == "clip_vision_model":
             return CLIPVisionModel.from_pretrained(repo, **kwargs), None
         model = AutoModel.from_pretrained(repo, **kwargs)

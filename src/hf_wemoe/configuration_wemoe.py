@@ -1,4 +1,4 @@
-"""WEMoE CLIP vision configuration.
+"""WEMoE CLIP configurations: the vision tower, and a full CLIP model (text tower + WEMoE vision tower).
 
 This file is copied into every saved model folder and Hub repository, so it imports only the standard library
 and transformers.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import field
 
-from transformers import CLIPVisionConfig
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 ROUTER_DEPTHS = (0, 1, 2)
 ROUTING_MODES = ("sample", "batch")
@@ -127,4 +127,18 @@ class WEMoECLIPVisionConfig(CLIPVisionConfig):
             )
 
 
-__all__ = ["WEMoECLIPVisionConfig"]
+class WEMoECLIPConfig(CLIPConfig):
+    r"""Configuration of a full CLIP model whose vision tower is a WEMoE vision tower.
+
+    It holds every field of [`CLIPConfig`]: `text_config` is the pretrained model's [`CLIPTextConfig`], and
+    `vision_config` is a [`WEMoECLIPVisionConfig`] (the WEMoE fields, expert names and provenance live there).
+    `projection_dim` and `logit_scale_init_value` are the pretrained model's. The text tower, the projections and
+    `logit_scale` are the pretrained CLIP model's own weights, so text embeddings match the base model's and
+    zero-shot classification works like CLIP's.
+    """
+
+    model_type = "wemoe_clip"
+    sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": WEMoECLIPVisionConfig}
+
+
+__all__ = ["WEMoECLIPConfig", "WEMoECLIPVisionConfig"]

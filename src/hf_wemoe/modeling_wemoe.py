@@ -80,22 +80,28 @@ class _PerSampleLinear(torch.autograd.Function):
         out_features = weight.shape[0]
         bias_rows = torch.addmm(bias.to(routing.dtype).unsqueeze(0), routing, bias_deltas.to(routing.dtype))
         bias_rows = bias_rows.to(x.dtype).unsqueeze(1)
-        output = x.new_empty(batch, tokens, out_features)
         blocks = _MergeBlocks(x, routing, weight, weight_deltas)
-        staging = None if blocks.rows == out_features else x.new_empty(blocks.group * tokens * blocks.rows)
+        if blocks.rows == out_features:  # one block of rows: every sample group writes its slice of the output
+            output = x.new_empty(batch, tokens, out_features)
+            for _ in blocks.row_ranges():
+                for first, last in blocks.sample_ranges():
+                    merged = blocks.merged(first, last).transpose(1, 2)
+                    torch.baddbmm(bias_rows[first:last], x[first:last], merged, out=output[first:last])
+            return output
+        # Row blocks are strided slices of the output, and a strided `out=` makes baddbmm run one GEMM per sample:
+        # each block goes to a contiguous staging slab, and one concatenation assembles the output.
+        staging = x.new_empty(batch * tokens * out_features)
+        parts, offset = [], 0
         for start, stop in blocks.row_ranges():
+            part = staging[offset : offset + batch * tokens * (stop - start)].view(batch, tokens, stop - start)
+            offset += part.numel()
+            parts.append(part)
             for first, last in blocks.sample_ranges():
                 merged = blocks.merged(first, last).transpose(1, 2)
-                block_bias = bias_rows[first:last, :, start:stop]
-                if staging is None:  # the block covers every output row: write in place
-                    torch.baddbmm(block_bias, x[first:last], merged, out=output[first:last])
-                else:
-                    # A strided `out=` makes baddbmm fall back to one GEMM per sample: stage, then copy.
-                    part = staging[: (last - first) * tokens * (stop - start)]
-                    part = part.view(last - first, tokens, stop - start)
-                    torch.baddbmm(block_bias, x[first:last], merged, out=part)
-                    output[first:last, :, start:stop] = part
-        return output
+                torch.baddbmm(
+                    bias_rows[first:last, :, start:stop], x[first:last], merged, out=part[first:last]
+                )
+        return torch.cat(parts, dim=-1)
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
@@ -151,6 +157,54 @@ class _PerSampleLinear(torch.autograd.Function):
         return grad_x, grad_routing, grad_weight, grad_bias, grad_deltas, grad_bias_deltas
 
 
+class _MergedWeight(torch.autograd.Function):
+    """`W0 + sum_k r[k] tau[k]` for one routing vector r of shape (1, K), merged in r's dtype.
+
+    Task vectors stored in another dtype are converted a block of rows at a time, in forward and in backward,
+    so no full-precision copy of them is created or kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, routing, weight, deltas):  # noqa: D102
+        ctx.save_for_backward(routing, weight, deltas)
+        acc, num_experts = routing.dtype, deltas.shape[0]
+        if weight.dtype == acc and deltas.dtype == acc:
+            merged = torch.addmm(weight.reshape(1, -1), routing, deltas.reshape(num_experts, -1))
+            return merged.view(weight.shape)
+        merged = torch.empty(weight.shape, dtype=acc, device=weight.device)
+        for start, stop in _conversion_blocks(weight):
+            torch.addmm(
+                weight[start:stop].reshape(1, -1).to(acc),
+                routing,
+                deltas[:, start:stop].reshape(num_experts, -1).to(acc),
+                out=merged[start:stop].view(1, -1),
+            )
+        return merged
+
+    @staticmethod
+    def backward(ctx, grad_merged):  # noqa: D102
+        routing, weight, deltas = ctx.saved_tensors
+        acc, num_experts = routing.dtype, deltas.shape[0]
+        grad_routing = grad_weight = grad_deltas = None
+        if ctx.needs_input_grad[0]:
+            grad_routing = routing.new_zeros(routing.shape)
+            for start, stop in _conversion_blocks(weight):
+                block = deltas[:, start:stop].reshape(num_experts, -1).to(acc)
+                grad_routing.addmm_(grad_merged[start:stop].reshape(1, -1).to(acc), block.t())
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_merged.to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_deltas = (routing.t() @ grad_merged.reshape(1, -1).to(acc)).view(deltas.shape)
+            grad_deltas = grad_deltas.to(deltas.dtype)
+        return grad_routing, grad_weight, grad_deltas
+
+
+def _conversion_blocks(weight: torch.Tensor) -> list[tuple[int, int]]:
+    """Blocks of leading-dimension rows holding about MERGE_BLOCK_ELEMENTS elements each."""
+    rows = max(1, MERGE_BLOCK_ELEMENTS // max(1, weight[0].numel() if weight.dim() > 1 else 1))
+    return [(start, min(start + rows, weight.shape[0])) for start in range(0, weight.shape[0], rows)]
+
+
 def _block_plan(batch: int, out_features: int, in_features: int, device: torch.device) -> tuple[int, int]:
     """`(rows, samples)` of one merged-weight block: balanced splits within the device's block budget."""
     budget = MERGE_BLOCK_ELEMENTS if device.type == "cpu" else ACCELERATOR_MERGE_BLOCK_ELEMENTS
@@ -200,8 +254,7 @@ class _MergeBlocks:
                 self._base, self._deltas = base, deltas
             else:
                 staged = self.stack[:, : self.block_numel]
-                staged[0].copy_(base[0])
-                staged[1:].copy_(deltas)
+                torch.cat([base, deltas], out=staged)
                 self._base, self._deltas = staged[:1], staged[1:]
             yield self.start, self.stop
 
@@ -223,6 +276,11 @@ class _MergeBlocks:
         if self.cast is not None:
             merged = self.cast[:size].view_as(merged).copy_(merged)
         return merged.view(last - first, self.stop - self.start, self.in_features)
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place version counter of a tensor (inference tensors have none and cannot change)."""
+    return 0 if tensor.is_inference() else tensor._version
 
 
 class WEMoERouter(nn.Module):
@@ -305,12 +363,14 @@ class WEMoETaskVectors(nn.Module):
         if not self.is_sparse:
             return getattr(self, name)
         indices, values = getattr(self, f"{name}_indices"), getattr(self, f"{name}_values")
-        key = (indices.data_ptr(), indices._version, values.data_ptr(), values._version, values.device)
+        key = (indices.data_ptr(), _version(indices), values.data_ptr(), _version(values), values.device)
         cached = self._dense_cache.get(name)
         if cached is None or cached[0] != key:
             shape = self.shapes[name]
-            dense = torch.zeros(values.shape[0], math.prod(shape), dtype=values.dtype, device=values.device)
-            dense.scatter_(1, indices.long(), values)
+            # Built outside inference mode so that a cache first filled during evaluation still serves training.
+            with torch.inference_mode(False), torch.no_grad():
+                dense = torch.zeros(values.shape[0], math.prod(shape), dtype=values.dtype, device=values.device)
+                dense.scatter_(1, indices.long(), values)
             cached = (key, dense.view(values.shape[0], *shape))
             self._dense_cache[name] = cached
         return cached[1]
@@ -383,16 +443,10 @@ class WEMoEMLP(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One merged (weight, bias) for routing weights of shape (1, K)."""
         linear = getattr(self, name)
-        out = []
-        for base, suffix in ((linear.weight, "weight"), (linear.bias, "bias")):
-            deltas = self.task_vectors.dense(f"{name}_{suffix}")
-            merged = torch.addmm(
-                base.reshape(1, -1).to(routing.dtype),
-                routing,
-                deltas.reshape(deltas.shape[0], -1).to(routing.dtype),
-            )
-            out.append(merged.view(base.shape).to(dtype))
-        return out[0], out[1]
+        return tuple(
+            _MergedWeight.apply(routing, base, self.task_vectors.dense(f"{name}_{suffix}")).to(dtype)
+            for base, suffix in ((linear.weight, "weight"), (linear.bias, "bias"))
+        )
 
     def _per_sample_linear(
         self, name: str, hidden_states: torch.Tensor, routing: torch.Tensor
@@ -560,9 +614,11 @@ class WEMoECLIPPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Load like any transformers model; only router parameters require gradients afterwards."""
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        # With `output_loading_info=True` transformers returns (model, info).
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_non_router_parameters()
-        return model
+        return loaded
 
     def freeze_non_router_parameters(self) -> None:
         """Only routers train: every other parameter gets `requires_grad=False`."""

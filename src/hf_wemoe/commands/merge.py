@@ -20,6 +20,8 @@ example:
       --expert mnist=tanganke/clip-vit-base-patch32_mnist \\
       --expert svhn=tanganke/clip-vit-base-patch32_svhn --output wemoe-vit-b32
   hf-wemoe merge --config wemoe-vit-b32/merge_config.yaml --output rebuilt   # same weights again
+  hf-wemoe merge --base openai/clip-vit-base-patch32 --expert ... --output wemoe-clip --full-clip \\
+      --push-to-hub my-org/wemoe-clip       # zero-shot pipelines and widget, pushed with its card
 """
 
 
@@ -42,4 +44,6 @@ def run(args: argparse.Namespace) -> int:
 
     summary = run_merge(options_from_args(args), show_progress=False if args.quiet else None)
     print(summary.line())
+    if summary.push is not None:
+        print(summary.push.line())
     return 0

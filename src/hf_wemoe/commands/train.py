@@ -39,15 +39,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         parser,
         TrainConfig,
         first=["model", "task", "output"],
-        metavars={"task": "NAME=DATASET", "model": "REF", "report_to": "TRACKER"},
+        metavars={"task": "NAME=DATASET", "model": "REF", "report_to": "TRACKER", "push_to_hub": "ORG/NAME"},
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adaptation import TrainConfig, format_results, run_train
+    from ..adaptation import TrainConfig, run_train
     from ..classification import parse_named
+    from ..evaluation import markdown_table
 
     config = resolve_options(
         TrainConfig, args, args.config, convert={"task": lambda values: parse_named(values, "--task")}
@@ -60,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         f"({summary['processes']} process(es), {summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f})"
     )
     if summary["result"] is not None:
-        print(format_results(summary["result"], "adapted"))
+        rows = [("adapted", summary["result"].accuracy)]
+        if summary.get("baseline") is not None:
+            rows.insert(0, ("before adaptation", summary["baseline"].accuracy))
+        print(markdown_table(rows, list(summary["result"].accuracy)))
     print(f"saved to {summary['output']}")
+    if summary.get("push") is not None:
+        print(summary["push"].line())
     return 0

@@ -142,6 +142,19 @@ class MergeOptions(BaseModel):
         "from untrusted sources can execute arbitrary code, they are loaded with torch.load(weights_only=True)",
     )
     overwrite: bool = Field(default=False, description="replace the output folder if it exists")
+    full_clip: bool = Field(
+        default=False,
+        description="write a full CLIP model: the base's text tower, projections and tokenizer with the merged "
+        "vision tower, for zero-shot image classification pipelines and widgets (the base must be a full CLIP "
+        "checkpoint)",
+    )
+    push_to_hub: str | None = Field(
+        default=None,
+        description="after merging, push the output folder to this Hub model repo (created when missing) in one "
+        "commit, with a model card",
+        json_schema_extra={"metavar": "ORG/NAME"},
+    )
+    private: bool = Field(default=False, description="create the --push-to-hub repo as private")
 
     # ------------------------------------------------------------------------------------------ validation
 
@@ -237,8 +250,8 @@ class MergeOptions(BaseModel):
     def recipe(self, base: str | None = None, experts: dict[str, str] | None = None) -> dict[str, Any]:
         """The merge as a YAML-ready mapping: sources (optionally pinned), method, and the method's options.
 
-        Only what determines the weights is kept (not the output folder); call on resolved options so every
-        method option is explicit.
+        Only what determines the weights is kept (not the output folder or where it is pushed); call on resolved
+        options so every method option is explicit.
         """
         recipe: dict[str, Any] = {
             "base": base or self.base,
@@ -249,6 +262,8 @@ class MergeOptions(BaseModel):
             recipe[name] = getattr(self, name)
         if self.allow_pickle:
             recipe["allow_pickle"] = True
+        if self.full_clip:
+            recipe["full_clip"] = True
         return recipe
 
 

@@ -1,7 +1,9 @@
 """The merge workflow behind `hf-wemoe merge`: resolve sources, check them, merge, write the folder atomically.
 
 The output is written into a temporary folder beside the target (`<output>.tmp-XXXX`) and renamed into place at
-the end, so a failed or interrupted merge leaves no partial output behind.
+the end, so a failed or interrupted merge leaves no partial output behind. With `full_clip`, the merged vision
+tower is combined with the base's text tower into a full CLIP model; with `push_to_hub`, the finished folder is
+pushed to the Hub (see `hf_wemoe.push`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any
 from ..cards import merge_card
 from ..errors import IncompatibleModelsError, WEMoEError
 from ..sources import ModelSource, open_source, parse_reference
+from .full_clip import base_license, check_full_clip_base, write_full_clip
 from .io import count_parameters, folder_size
-from .options import MergeOptions, dump_yaml
+from .options import MergeOptions, dump_yaml, parse_size
 from .registry import MergeJob, Progress, no_progress
 
 MERGE_CONFIG_NAME = "merge_config.yaml"
@@ -52,6 +55,8 @@ class MergeSummary:
     parameters: int
     size_bytes: int
     seconds: float
+    push: Any = None
+    """The `hf_wemoe.push.PushResult` when the output was pushed to the Hub."""
 
     def line(self) -> str:
         """A one-line summary for the command line."""
@@ -120,7 +125,9 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
 
     Raises:
         WEMoEError: bad options, an existing output without `overwrite`, unreadable sources (`SourceError`),
-            experts that do not match the base (`IncompatibleModelsError`).
+            experts that do not match the base (`IncompatibleModelsError`), a base without text tower for
+            `full_clip`, a malformed `push_to_hub` repo id or no token (checked before merging), a failed push
+            (the merged folder is kept).
     """
     start = time.perf_counter()
     options = options.resolved()
@@ -128,6 +135,11 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
         raise WEMoEError("no output folder: pass --output DIR")
     output = Path(options.output).expanduser().absolute()
     _check_output(output, options)
+    if options.push_to_hub:
+        from ..push import check_repo_id, check_token
+
+        check_repo_id(options.push_to_hub)
+        check_token()
     show_progress = sys.stderr.isatty() if show_progress is None else show_progress
     progress: Progress = tqdm_progress if show_progress else no_progress
 
@@ -137,6 +149,8 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
             name: open_source(ref, allow_pickle=options.allow_pickle) for name, ref in options.experts.items()
         }
         check_compatible(base, experts)
+        if options.full_clip:
+            check_full_clip_base(base)
         recipe = options.recipe(
             base=base.reference.pinned(base.commit),
             experts={name: source.reference.pinned(source.commit) for name, source in experts.items()},
@@ -145,7 +159,14 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
         method = options.method_class(options)
         job = MergeJob(options=options, base=base, experts=experts, provenance=provenance, progress=progress)
         with _staging_folder(output) as staging:
-            method.write(job, staging)
+            if options.full_clip:
+                vision_folder = staging / "vision-tower"
+                vision_folder.mkdir()
+                method.write(job, vision_folder)
+                write_full_clip(vision_folder, base, staging, parse_size(options.max_shard_size))
+                shutil.rmtree(vision_folder)
+            else:
+                method.write(job, staging)
             if base.preprocessor_config is not None:
                 shutil.copyfile(base.preprocessor_config, staging / PREPROCESSOR_NAME)
             (staging / MERGE_CONFIG_NAME).write_text(
@@ -158,7 +179,7 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
             )
             merge_card(staging, model_id=output.name).save(staging / CARD_NAME)
             _install(staging, output)
-    return MergeSummary(
+    summary = MergeSummary(
         output=output,
         method=method.name,
         experts=list(experts),
@@ -166,17 +187,35 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
         size_bytes=folder_size(output),
         seconds=time.perf_counter() - start,
     )
+    if options.push_to_hub:
+        from ..push import push_folder
+
+        try:
+            summary.push = push_folder(
+                output, options.push_to_hub, private=options.private, show_progress=show_progress
+            )
+        except WEMoEError as err:
+            raise WEMoEError(
+                f"merged into {output}, but the push failed: {err} (retry with: hf-wemoe push {output} "
+                f"--repo-id {options.push_to_hub})"
+            ) from err
+    return summary
 
 
 def _provenance(base: ModelSource, experts: dict[str, ModelSource], recipe: dict[str, Any]) -> dict[str, Any]:
     from .. import __version__
 
-    return {
+    provenance = {
         "base": base.provenance(),
         "experts": {name: source.provenance() for name, source in experts.items()},
         "recipe": recipe,
         "hf_wemoe_version": __version__,
     }
+    # Merged models inherit the base's license; the model card states it.
+    license_info = base_license(base)
+    if license_info:
+        provenance["base_license"] = license_info
+    return provenance
 
 
 def _check_output(output: Path, options: MergeOptions) -> None:

@@ -1,0 +1,217 @@
+"""Model cards: metadata the Hub accepts and reads back, and a body that says what the model is and how to use it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+from hf_wemoe import build_wemoe
+from hf_wemoe.cards import model_card, render_card, validate_card
+from hf_wemoe.errors import WEMoEError
+from hub_server import _validate_card_metadata
+from test_full_clip import make_clip_world, merge
+from tiny_models import make_base_and_experts
+
+BASE = "openai/clip-vit-base-patch32"
+HUB_EXPERTS = {
+    "blocks": "tanganke/clip-vit-base-patch32_dtd",
+    "stripes": "tanganke/clip-vit-base-patch32_svhn",
+}
+COMMITS = {"base": "a" * 40, "blocks": "b" * 40, "stripes": "c" * 40}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cards")
+    world = make_clip_world(root)
+    return {
+        "vision": merge(world, root / "vision"),
+        "full": merge(world, root / "full", "--full-clip"),
+        "static": merge(world, root / "static", "--method", "ties"),
+        "static_full": merge(world, root / "static-full", "--method", "average", "--full-clip"),
+    }
+
+
+def as_if_from_the_hub(folder: Path, target: Path) -> Path:
+    """A copy of a merged folder whose recorded sources are Hub repos at known commits."""
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    hub = {"source": "hub", "revision": None, "layout": "clip"}
+    config["provenance"]["base"] = {"ref": BASE, "repo_id": BASE, "commit": COMMITS["base"], **hub}
+    config["provenance"]["experts"] = {
+        name: {"ref": ref, "repo_id": ref, "commit": COMMITS[name], **hub}
+        for name, ref in HUB_EXPERTS.items()
+    }
+    (target / "config.json").write_text(json.dumps(config))
+    recipe = yaml.safe_load((target / "merge_config.yaml").read_text())
+    recipe["base"] = f"{BASE}@{COMMITS['base']}"
+    recipe["experts"] = {name: f"{ref}@{COMMITS[name]}" for name, ref in HUB_EXPERTS.items()}
+    (target / "merge_config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return target
+
+
+def adapt(folder: Path) -> Path:
+    """What `hf-wemoe train` adds to a folder: adaptation provenance, eval_results.json, routing.png."""
+    config = json.loads((folder / "config.json").read_text())
+    tasks = {
+        "blocks": "tanganke/dtd#test",
+        "stripes": "ufldl-stanford/svhn:cropped_digits",
+        "local": "/data/x",
+    }
+    config["provenance"]["adaptation"] = {
+        "tasks": tasks,
+        "options": {"objective": "entropy", "lr": 0.0001, "batch_size_per_task": 16, "steps": 1000},
+        "steps": 1000,
+        "final_loss": 0.123456,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    accuracy = {"blocks": 71.25, "stripes": 95.5, "local": 50.0}
+    results = {
+        "model": str(folder),
+        "routing": "sample",
+        "accuracy": accuracy,
+        "average": sum(accuracy.values()) / 3,
+        "num_examples": {"blocks": 1880, "stripes": 26032, "local": 10},
+        "datasets": tasks,
+        "baselines": [
+            {"name": "before adaptation", "accuracy": {"blocks": 50.0, "stripes": 60.0, "local": 40.0}}
+        ],
+    }
+    (folder / "eval_results.json").write_text(json.dumps(results))
+    (folder / "routing.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return folder
+
+
+def test_wemoe_card_metadata_and_body(folders, tmp_path):
+    folder = as_if_from_the_hub(folders["vision"], tmp_path / "hub")
+    card = model_card(folder, model_id="testorg/wemoe-tiny")
+    assert _validate_card_metadata(str(card)) == []
+    data = ModelCard(str(card)).data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-feature-extraction"
+    assert data.base_model == [BASE, *HUB_EXPERTS.values()] and data.base_model_relation == "merge"
+    assert data.license == "mit"  # inherited from the base's card
+    assert {"hf-wemoe", "wemoe", "mixture-of-experts", "model-merging"} <= set(data.tags)
+    assert data.eval_results is None and data.datasets is None
+    text = card.text
+    for expected in (
+        "# testorg/wemoe-tiny",
+        "λ = 0.3",
+        "depth 2 (linear, ReLU, linear), one router per layer",
+        *(
+            f"[`{ref}`](https://huggingface.co/{ref}) | "
+            f"[`{COMMITS[name][:12]}`](https://huggingface.co/{ref}/tree/{COMMITS[name]})"
+            for name, ref in HUB_EXPERTS.items()
+        ),
+        f"(commit [`{COMMITS['base'][:12]}`](https://huggingface.co/{BASE}/tree/{COMMITS['base']}))",
+        'AutoModel.from_pretrained("testorg/wemoe-tiny", trust_remote_code=True)',
+        'pipeline("image-feature-extraction", model="testorg/wemoe-tiny", trust_remote_code=True)',
+        "import hf_wemoe",
+        "model.collapse([1.0, 0.0])",
+        "this model routes with `sample`",
+        "The routers are at their initial value",
+        "Merging Multi-Task Models via Weight-Ensembling Mixture of Experts",
+        "International Conference on Machine Learning (ICML)",
+        "2402.00433",
+        "Efficient and Effective Weight-Ensembling Mixture of Experts for Multi-Task Model Merging",
+        "Shen, Li and Tang, Anke and Yang, Enneng and Guo, Guibing",
+        "2410.21804",
+        "hf-wemoe merge --config merge_config.yaml",
+    ):
+        assert expected in text, expected
+    assert "## Results" not in text and "routing.png" not in text
+
+
+def test_adapted_card_has_results_baselines_routing_plot_and_model_index(folders, tmp_path):
+    folder = adapt(as_if_from_the_hub(folders["vision"], tmp_path / "adapted"))
+    card = model_card(folder, model_id="testorg/wemoe-adapted")
+    assert _validate_card_metadata(str(card)) == []
+    loaded = ModelCard(str(card))
+    assert loaded.data.to_dict() == card.data.to_dict()
+    data = loaded.data
+    assert data.model_name == "testorg/wemoe-adapted" and data.metrics == ["accuracy"]
+    assert data.datasets == ["tanganke/dtd", "ufldl-stanford/svhn"]
+    assert "test-time-adaptation" in data.tags
+    results = {result.dataset_name: result for result in data.eval_results}
+    assert set(results) == {"blocks", "stripes", "local"}
+    assert results["blocks"].dataset_type == "tanganke/dtd" and results["blocks"].metric_value == 71.25
+    assert (
+        results["stripes"].dataset_config == "cropped_digits" and results["stripes"].dataset_split == "test"
+    )
+    assert results["local"].dataset_type == "local"
+    assert all(
+        r.task_type == "zero-shot-image-classification" and r.metric_type == "accuracy"
+        for r in results.values()
+    )
+    text = card.text
+    for expected in (
+        "| this model | 71.2 | 95.5 | 50.0 | 72.2 |",
+        "| before adaptation | 50.0 | 60.0 | 40.0 | 50.0 |",
+        "measured in the same evaluation",
+        "![Routing weights per layer and expert](routing.png)",
+        "Only the routers were trained, for 1000 steps",
+        "final loss 0.1235",
+        "[`tanganke/dtd#test`](https://huggingface.co/datasets/tanganke/dtd)",
+        "results on those tasks are transductive",
+        "Examples per task: blocks 1880, stripes 26032, local 10.",
+    ):
+        assert expected in text, expected
+
+
+def test_full_clip_card_has_the_zero_shot_widget(folders):
+    card = model_card(folders["full"], model_id="testorg/wemoe-clip")
+    assert _validate_card_metadata(str(card)) == []
+    data = ModelCard(str(card)).data
+    assert data.pipeline_tag == "zero-shot-image-classification" and data.license == "mit"
+    (widget,) = data.widget
+    assert widget["src"].startswith("https://") and widget["example_title"]
+    assert len(widget["candidate_labels"].split(",")) >= 2
+    for expected in (
+        'pipeline("zero-shot-image-classification", model="testorg/wemoe-clip", trust_remote_code=True)',
+        "AutoTokenizer.from_pretrained",
+        "logits_per_image.softmax",
+        "A plain CLIPModel for fixed routing weights",
+    ):
+        assert expected in card.text, expected
+
+
+def test_static_merge_cards(folders):
+    card = model_card(folders["static"], model_id="testorg/ties")
+    assert _validate_card_metadata(str(card)) == []
+    assert card.data.pipeline_tag == "image-feature-extraction" and "`ties`" in card.text
+    assert "CLIPVisionModel.from_pretrained" in card.text and "trust_remote_code" not in card.text
+    assert "| `ties_keep` | `0.2` |" in card.text
+    full = model_card(folders["static_full"], model_id="testorg/avg-clip")
+    assert full.data.pipeline_tag == "zero-shot-image-classification" and full.data.widget
+    assert 'pipeline("zero-shot-image-classification", model="testorg/avg-clip")' in full.text
+    assert "CLIPModel.from_pretrained" in full.text and "trust_remote_code" not in full.text
+
+
+def test_card_of_a_model_built_in_python(tmp_path):
+    """A model saved by `build_wemoe(...).save_pretrained` records no recipe: the card says so, lists no sources."""
+    base, experts = make_base_and_experts(num_experts=2)
+    build_wemoe(base, experts, shared_router=True, task_vector_sparsity=0.5).save_pretrained(tmp_path)
+    card = model_card(tmp_path, model_id="testorg/python")
+    assert _validate_card_metadata(str(card)) == []
+    assert card.data.base_model is None and "e-wemoe" in card.data.tags
+    assert "`e-wemoe`" in card.text and "50% of every tensor kept" in card.text
+    assert "one router shared by all layers" in card.text
+    assert "| task0 | `not recorded` | `unknown` |" in card.text and "## Recipe" not in card.text
+
+
+def test_card_errors(folders, tmp_path):
+    with pytest.raises(WEMoEError, match="template 'missing.md' not found"):
+        render_card("missing.md", {})
+    with pytest.raises(WEMoEError, match="no metadata block"):
+        validate_card("# no metadata")
+    with pytest.raises(WEMoEError, match="invalid model card metadata"):
+        validate_card("---\nlicense: [unclosed\n---\n# x\n")
+    with pytest.raises(WEMoEError, match="cannot read config.json"):
+        model_card(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(WEMoEError, match="model_type 'bert'"):
+        model_card(tmp_path)
