@@ -159,85 +159,36 @@ def test_supervised_objective(world, tmp_path):
     assert routers(output).keys() == routers(world["wemoe"]).keys()
 
 
+def eval_args(model, task, dataset, out_json, *extra):
+    return ["eval", "--model", str(model), "--task", f"{task}={dataset}", "--templates", "generic",
+            "--output-json", str(out_json), "--quiet", *extra]  # fmt: skip
+
+
 def test_eval_static_and_wemoe_models(world, tmp_path, capsys):
     out_json = tmp_path / "expert.json"
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(world["expert"]),
-                "--clip-model",
-                str(world["clip"]),
-                "--task",
-                f"stripes={world['stripes']}",
-                "--templates",
-                "generic",
-                "--output-json",
-                str(out_json),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    clip = ("--clip-model", str(world["clip"]))
+    assert main(eval_args(world["expert"], "stripes", world["stripes"], out_json, *clip)) == 0
     printed = capsys.readouterr().out
     assert "| model | stripes | average |" in printed
     payload = json.loads(out_json.read_text())
     assert payload["routing"] is None and 0 <= payload["average"] <= 100
     wemoe_json = tmp_path / "wemoe.json"
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(world["wemoe"]),
-                "--task",
-                f"stripes={world['stripes']}",
-                "--templates",
-                "generic",
-                "--output-json",
-                str(wemoe_json),
-                "--routing",
-                "batch",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(eval_args(world["wemoe"], "stripes", world["stripes"], wemoe_json, "--routing", "batch")) == 0
     assert json.loads(wemoe_json.read_text())["routing"] == "batch"
 
 
 def test_eval_matches_a_direct_computation(world, tmp_path):
     """Accuracy from the CLI equals argmax of the zero-shot logits computed by hand."""
-    from transformers import AutoImageProcessor, CLIPModel, CLIPVisionModel
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPVisionModel
 
     from hf_wemoe.data import ImageClassificationDataset, load_task_dataset
     from hf_wemoe.heads import build_zeroshot_head
     from hf_wemoe.templates import get_templates
 
     out_json = tmp_path / "direct.json"
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(world["expert"]),
-                "--clip-model",
-                str(world["clip"]),
-                "--task",
-                f"blocks={world['blocks']}",
-                "--templates",
-                "generic",
-                "--output-json",
-                str(out_json),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    clip_flag = ("--clip-model", str(world["clip"]))
+    assert main(eval_args(world["expert"], "blocks", world["blocks"], out_json, *clip_flag)) == 0
     clip = CLIPModel.from_pretrained(world["clip"])
-    from transformers import AutoTokenizer
-
     head = build_zeroshot_head(
         clip,
         AutoTokenizer.from_pretrained(world["clip"]),
