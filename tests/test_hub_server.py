@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import importlib.util
 import json
 import os
 import urllib.error
@@ -419,7 +420,10 @@ def test_model_roundtrip_through_lfs(server, tiny_clip, tmp_path):
     assert out["big_sha256"] == hashlib.sha256(big).hexdigest()
     assert out["deleted"] == "RemoteEntryNotFoundError"
     # transformers probes optional files and gets EntryNotFound answers it tolerates.
-    assert any(p.endswith("/adapter_config.json") and status == 404 for _, p, status in server.responses)
+    if (
+        importlib.util.find_spec("peft") is not None
+    ):  # transformers probes for an adapter only with peft installed
+        assert any(p.endswith("/adapter_config.json") and status == 404 for _, p, status in server.responses)
 
 
 def test_model_roundtrip_with_xet_client_and_regular_server(regular_server, tiny_clip, tmp_path):
