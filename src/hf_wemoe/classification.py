@@ -189,11 +189,18 @@ class ZeroShotClassifier(nn.Module):
         self, pixel_values: torch.Tensor, head: ZeroShotHead, output_routing_weights: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Logits (batch, classes) and, for WEMoE models when asked, the routing weights per MoE layer."""
+        if output_routing_weights:
+            embeds, routing = self.embed(pixel_values, output_routing_weights=True)
+        else:
+            embeds, routing = self.embed(pixel_values), None
+        return head(embeds.float()), routing
+
+    def embed(self, pixel_values: torch.Tensor, output_routing_weights: bool = False):
+        """Projected image embeddings (batch, dim); with `output_routing_weights`, `(embeds, routing)`."""
         kwargs = {"output_routing_weights": True} if self.is_wemoe and output_routing_weights else {}
         outputs = self.vision_model(pixel_values=pixel_values, **kwargs)
         embeds = self.visual_projection(outputs.pooler_output.to(self.visual_projection.weight.dtype))
-        logits = head(embeds.float())
-        return logits, getattr(outputs, "routing_weights", None)
+        return (embeds, getattr(outputs, "routing_weights", None)) if output_routing_weights else embeds
 
 
 def load_image_processor(*refs: str | None) -> Any:

@@ -175,23 +175,24 @@ def adapt_routers(
     classifier.train()
     while progress_state.step < options.steps:
         with accelerator.accumulate(classifier):
+            batches = [
+                collate_images([task.dataset[i] for i in indices])
+                for task, indices in zip(
+                    tasks, _step_indices(tasks, options, progress_state.micro_step, rank, world)
+                )
+            ]
+            with accelerator.autocast():
+                embeds = _embed_batches(
+                    classifier, [b["pixel_values"].to(accelerator.device) for b in batches]
+                )
             loss = 0.0
-            for task_index, task in enumerate(tasks):
-                indices = stream_indices(
-                    len(task.dataset),
-                    options.seed,
-                    task_index,
-                    progress_state.micro_step * options.batch_size_per_task,
-                    options.batch_size_per_task,
-                )[rank::world]
-                batch = collate_images([task.dataset[i] for i in indices])
-                with accelerator.autocast():
-                    logits, _ = classifier(batch["pixel_values"].to(accelerator.device), heads[task.name])
+            for task, batch, task_embeds in zip(tasks, batches, embeds):
+                logits = heads[task.name](task_embeds.float())
                 if options.objective == "entropy":
                     loss = loss + entropy_loss(logits)
                 else:
                     loss = loss + torch.nn.functional.cross_entropy(
-                        logits.float(), batch["labels"].to(accelerator.device)
+                        logits, batch["labels"].to(accelerator.device)
                     )
                 images += local_batch * world
             if not torch.isfinite(loss):
@@ -232,6 +233,26 @@ def adapt_routers(
         "processes": world,
         "is_main_process": accelerator.is_main_process,
     }
+
+
+def _step_indices(
+    tasks: Sequence[ClassificationTask], options: TrainOptions, micro_step: int, rank: int, world: int
+) -> list[list[int]]:
+    """This process's share of every task's global batch for one micro-step."""
+    size = options.batch_size_per_task
+    return [
+        stream_indices(len(task.dataset), options.seed, index, micro_step * size, size)[rank::world]
+        for index, task in enumerate(tasks)
+    ]
+
+
+def _embed_batches(classifier: ZeroShotClassifier, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Image embeddings of every task's batch. With per-sample routing every image is routed on its own, so
+    all tasks go through the model as one batch (same result, one pass); batch routing averages the routing
+    weights over a batch, so each task keeps its own pass."""
+    if classifier.vision_model.config.routing == "sample":
+        return list(classifier.embed(torch.cat(batches)).split([len(b) for b in batches]))
+    return [classifier.embed(batch) for batch in batches]
 
 
 def _average_gradients(parameters: Sequence[torch.nn.Parameter], accelerator) -> None:
