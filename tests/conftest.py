@@ -35,3 +35,6 @@ def hub_server() -> HubServer:
 def _reset_hub_faults():
     yield
     HUB.clear_failures()
+
+
+from toy_fixtures import toy_zoo_small  # noqa: E402, F401  (session fixture: the toy zoo's small preset)

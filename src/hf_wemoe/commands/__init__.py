@@ -5,4 +5,4 @@ parses arguments and dispatches; the work lives in the workflow modules the comm
 """
 
 # The order here is the order ``hf-wemoe --help`` lists the commands in.
-COMMANDS: list[str] = ["demo", "merge", "train", "eval", "push"]
+COMMANDS: list[str] = ["demo", "merge", "train", "eval", "push", "toy_zoo"]

@@ -1,0 +1,455 @@
+"""Build the toy zoo: datasets, a tiny pretrained CLIP and one fine-tuned vision expert per task.
+
+Layout of a built zoo (Hub-like folders, everything loadable with ``from_pretrained`` / ``load_from_disk``)::
+
+    <zoo>/zoo.json                                  the manifest (:class:`ZooManifest`)
+    <zoo>/models/<BASE_NAME>/                       CLIPModel + tokenizer + CLIPProcessor files
+    <zoo>/models/<BASE_NAME>_<task>/                CLIPVisionModel of the task's expert + image processor
+    <zoo>/datasets/<task>/                          DatasetDict (train/test), columns image, label
+
+The recipe (see :data:`PRESETS`):
+
+1. Datasets: every task's train and test splits, plus a separate captioned "pretrain" corpus (same
+   generators, independent samples; kept in memory only).
+2. Base: a tiny CLIP trained from scratch with the CLIP contrastive loss on the pretrain corpus, captions
+   being the tasks' templates filled with class names. It is kept short on purpose: zero-shot accuracy
+   lands clearly above chance but well below fine-tuned accuracy, as for real CLIP models.
+3. Experts: for each task, the base vision tower fine-tuned on the task's train split against the frozen
+   zero-shot head (logits = 100 * normalize(visual_projection(pooled)) @ head.T); ``visual_projection``
+   stays frozen. MLP tensors train at the full learning rate, attention and layer norms at 1/100 of it, the
+   embeddings not at all, so the task knowledge sits in the MLPs: the part a WEMoE model routes per input.
+4. Evaluation of the world (:func:`hf_wemoe.toy.evaluate_world.evaluate_world`), stored in the manifest.
+
+Builds are deterministic: the same seed (and torch version, CPU type) gives byte-identical dataset files
+and safetensors files; torch runs with a fixed thread count during the build (see ``BUILD_THREADS``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import WEMoEError
+from .models import (
+    ModelSizes,
+    build_clip_config,
+    build_image_processor,
+    build_processor,
+    build_tokenizer,
+    to_pixel_values,
+)
+from .tasks import TASKS, generate_split
+from .training import (
+    BUILD_THREADS,
+    FinetuneRecipe,
+    PretrainRecipe,
+    TaskData,
+    deterministic_torch,
+    finetune_expert,
+    pretrain_clip,
+    zero_shot_head,
+)
+
+__all__ = [
+    "BASE_NAME",
+    "PRESETS",
+    "RECIPE_VERSION",
+    "ToyZooPreset",
+    "ZooManifest",
+    "build_toy_zoo",
+    "custom_preset",
+    "default_zoo_dir",
+    "get_toy_zoo",
+]
+
+#: Bumped whenever a change to the recipe changes the built files; cached zoos of older versions are rebuilt.
+RECIPE_VERSION = "1"
+#: Folder name of the base model; experts are ``<BASE_NAME>_<task>``.
+BASE_NAME = "clip-vit-toy-p8"
+MANIFEST_FILE = "zoo.json"
+
+
+@dataclass(frozen=True)
+class ToyZooPreset:
+    """Sizes and training budgets of one toy zoo build."""
+
+    name: str
+    n_pretrain: int
+    n_train: int
+    n_test: int
+    pretrain: PretrainRecipe
+    finetune: FinetuneRecipe
+    sizes: ModelSizes = field(default_factory=ModelSizes)
+    tasks: tuple[str, ...] = tuple(TASKS)
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for the manifest."""
+        return asdict(self)
+
+
+#: The built-in presets. ``full`` shows the paper's effect clearly; ``small`` is a quick build for tests.
+PRESETS: dict[str, ToyZooPreset] = {
+    "full": ToyZooPreset(
+        name="full",
+        n_pretrain=1500,
+        n_train=2000,
+        n_test=400,
+        pretrain=PretrainRecipe(steps=200, batch_size=128, lr=2e-3, warmup=40),
+        finetune=FinetuneRecipe(steps=500, batch_size=64, lr=5e-3, other_lr_scale=0.01, warmup=20),
+    ),
+    "small": ToyZooPreset(
+        name="small",
+        n_pretrain=300,
+        n_train=400,
+        n_test=200,
+        pretrain=PretrainRecipe(steps=200, batch_size=64, lr=2e-3, warmup=30),
+        finetune=FinetuneRecipe(steps=120, batch_size=32, lr=1e-2, other_lr_scale=0.01, warmup=10),
+        # Six tasks that a short fine-tuning learns (shapes and textures need the full budget).
+        tasks=("digits", "gratings", "colors", "dots", "arrows", "scenes"),
+    ),
+}
+
+
+@dataclass
+class ZooManifest:
+    """What ``zoo.json`` records about a built zoo; paths are relative to ``root``.
+
+    Attributes:
+        recipe_version: :data:`RECIPE_VERSION` of the build.
+        seed: Build seed.
+        preset: Preset name (``"full"``, ``"small"`` or a custom preset's name).
+        base_model: Folder name of the base model.
+        tasks: Task names, in order.
+        classnames: Class names per task (label order).
+        templates: Prompt templates per task (``{c}`` stands for the class name).
+        paths: ``{"base": ..., "experts": {task: ...}, "datasets": {task: ...}}`` relative to ``root``.
+        num_examples: ``{task: {"train": n, "test": n}}``.
+        settings: The preset (model sizes, data sizes, training recipes) and build threads.
+        timings: Wall-clock seconds per build phase and in total.
+        accuracies: The world table ``{row: {task: accuracy, "average": mean}}`` (fractions in [0, 1]).
+        versions: Library versions used for the build.
+        root: The zoo folder (not stored in the file).
+    """
+
+    recipe_version: str
+    seed: int
+    preset: str
+    base_model: str
+    tasks: list[str]
+    classnames: dict[str, list[str]]
+    templates: dict[str, list[str]]
+    paths: dict
+    num_examples: dict[str, dict[str, int]]
+    settings: dict
+    timings: dict[str, float] = field(default_factory=dict)
+    accuracies: dict[str, dict[str, float]] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    root: Path = field(default=Path("."), compare=False)
+
+    @property
+    def base_path(self) -> Path:
+        """Folder of the base ``CLIPModel`` (with tokenizer and processor)."""
+        return self.root / self.paths["base"]
+
+    def expert_path(self, task: str) -> Path:
+        """Folder of one task's expert ``CLIPVisionModel``."""
+        return self.root / self.paths["experts"][task]
+
+    def expert_paths(self) -> dict[str, Path]:
+        """``{task: folder}`` of every expert, in task order."""
+        return {t: self.expert_path(t) for t in self.tasks}
+
+    def dataset_path(self, task: str) -> Path:
+        """Folder of one task's ``DatasetDict`` (``datasets.load_from_disk``)."""
+        return self.root / self.paths["datasets"][task]
+
+    def to_json(self) -> str:
+        """The manifest as JSON (without ``root``)."""
+        data = asdict(self)
+        data.pop("root")
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+    def save(self) -> Path:
+        """Write ``zoo.json`` into ``root``; returns its path."""
+        path = self.root / MANIFEST_FILE
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> ZooManifest:
+        """Read ``<root>/zoo.json``; raises ``WEMoEError`` if there is no readable manifest."""
+        root = Path(root)
+        path = root / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**data, root=root)
+        except (OSError, ValueError, TypeError) as err:
+            raise WEMoEError(
+                f"{path} is not a toy zoo manifest ({err}); build one with `hf-wemoe toy-zoo --output {root}`"
+            ) from err
+
+
+def default_zoo_dir(preset: str = "full", seed: int = 0) -> Path:
+    """Cache folder of a toy zoo: ``$HF_WEMOE_CACHE/toy-zoo/<recipe>-<preset>-<seed>``.
+
+    Without ``HF_WEMOE_CACHE`` the cache is ``$XDG_CACHE_HOME/hf_wemoe`` (default ``~/.cache/hf_wemoe``).
+    The recipe version is part of the name, so a recipe change builds a fresh zoo instead of reusing one.
+    """
+    cache = os.environ.get("HF_WEMOE_CACHE")
+    if cache:
+        base = Path(cache).expanduser()
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "hf_wemoe"
+    return base / "toy-zoo" / f"{RECIPE_VERSION}-{preset}-{seed}"
+
+
+def _check_replaceable(target: Path) -> None:
+    """Refuse to delete anything but a toy zoo (a folder with ``zoo.json``) or an empty folder."""
+    if target.is_dir() and ((target / MANIFEST_FILE).is_file() or not any(target.iterdir())):
+        return
+    raise WEMoEError(f"{target} exists and is not a toy zoo; choose another output folder")
+
+
+def _resolve_preset(preset: str | ToyZooPreset) -> ToyZooPreset:
+    if isinstance(preset, ToyZooPreset):
+        return preset
+    if preset not in PRESETS:
+        raise WEMoEError(f"unknown toy zoo preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Silence the per-call progress bars of transformers and datasets (the build shows its own)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_on = hf_logging.is_progress_bar_enabled()
+    ds_on = datasets.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hf_on:
+            hf_logging.enable_progress_bar()
+        if ds_on:
+            datasets.enable_progress_bars()
+
+
+def _save_dataset(path: Path, task: str, splits: dict[str, tuple[list[np.ndarray], list[int]]]) -> None:
+    from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    spec = TASKS[task]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(spec.classnames))})
+    info = DatasetInfo(description=f"hf-wemoe toy task '{task}': {spec.description}.", features=features)
+    dataset = DatasetDict(
+        {
+            split: Dataset.from_dict(
+                {"image": [Image.fromarray(a) for a in arrays], "label": labels}, features=features, info=info
+            )
+            for split, (arrays, labels) in splits.items()
+        }
+    )
+    dataset.save_to_disk(str(path))
+
+
+def _task_data(arrays: list[np.ndarray], labels: list[int]) -> TaskData:
+    return TaskData(to_pixel_values(np.stack(arrays)), torch.tensor(labels, dtype=torch.long))
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "hf_wemoe": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+def build_toy_zoo(
+    output_dir: str | os.PathLike,
+    preset: str | ToyZooPreset = "full",
+    seed: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> ZooManifest:
+    """Build a toy zoo into ``output_dir`` and return its manifest.
+
+    The zoo is built in a temporary folder beside ``output_dir`` and renamed into place at the end, so an
+    interrupted build never leaves a half-written zoo behind. ``preset`` is ``"full"`` (about 3 minutes on
+    two CPU cores), ``"small"`` (well under a minute, for tests) or a :class:`ToyZooPreset`.
+
+    Raises:
+        WEMoEError: unknown preset, or ``output_dir`` exists and ``overwrite`` is false.
+    """
+    spec = _resolve_preset(preset)
+    target = Path(output_dir).expanduser().resolve()
+    if target.exists():
+        if not overwrite:
+            raise WEMoEError(f"{target} already exists; pass overwrite=True (CLI: --force) to rebuild it")
+        _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        manifest = _build_into(tmp, spec, seed, progress)
+        if target.exists():
+            if not overwrite:
+                # Another process finished the same zoo first: keep theirs.
+                shutil.rmtree(tmp)
+                return ZooManifest.load(target)
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(old)
+            shutil.rmtree(old)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest.root = target
+    return manifest
+
+
+def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool) -> ZooManifest:
+    from tqdm.auto import tqdm
+
+    from .evaluate_world import evaluate_world
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    tasks = list(spec.tasks)
+    base_rel = f"models/{BASE_NAME}"
+    paths = {
+        "base": base_rel,
+        "experts": {t: f"models/{BASE_NAME}_{t}" for t in tasks},
+        "datasets": {t: f"datasets/{t}" for t in tasks},
+    }
+    with _quiet_libraries(), deterministic_torch():
+        # 1. Datasets (saved) and the pretraining corpus (memory only).
+        t0 = time.perf_counter()
+        train, pretrain = {}, {}
+        for task in tqdm(tasks, desc="toy datasets", disable=not progress, leave=False):
+            splits = {
+                "train": generate_split(task, "train", spec.n_train, seed),
+                "test": generate_split(task, "test", spec.n_test, seed),
+            }
+            _save_dataset(root / paths["datasets"][task], task, splits)
+            train[task] = _task_data(*splits["train"])
+            pretrain[task] = _task_data(*generate_split(task, "pretrain", spec.n_pretrain, seed))
+        timings["datasets"] = time.perf_counter() - t0
+
+        # 2. Base CLIP, pretrained contrastively on the captioned corpus.
+        t0 = time.perf_counter()
+        tokenizer = build_tokenizer(model_max_length=spec.sizes.max_text_length)
+        torch.manual_seed(seed)
+        from transformers import CLIPModel
+
+        model = CLIPModel(build_clip_config(tokenizer, spec.sizes))
+        pretrain_clip(model, tokenizer, pretrain, spec.pretrain, seed=seed, progress=progress)
+        base_dir = root / base_rel
+        model.save_pretrained(base_dir)
+        build_processor(tokenizer).save_pretrained(base_dir)
+        # The image processor also as preprocessor_config.json, the file vision-only tools look for.
+        image_processor = build_image_processor()
+        image_processor.save_pretrained(base_dir)
+        timings["pretrain"] = time.perf_counter() - t0
+
+        # 3. One expert per task; only the vision tower changes.
+        t0 = time.perf_counter()
+        projection = model.visual_projection
+        bar = tqdm(tasks, desc="fine-tune experts", disable=not progress, leave=False)
+        for index, task in enumerate(bar):
+            bar.set_postfix(task=task)
+            head = zero_shot_head(model, tokenizer, task)
+            vision = copy.deepcopy(model.vision_model)
+            expert_seed = seed * 1000 + 1 + index
+            finetune_expert(
+                vision,
+                projection,
+                head,
+                train[task],
+                spec.finetune,
+                expert_seed,
+                progress,
+                desc=f"expert {task}",
+            )
+            expert_dir = root / paths["experts"][task]
+            vision.save_pretrained(expert_dir)
+            image_processor.save_pretrained(expert_dir)
+        timings["experts"] = time.perf_counter() - t0
+
+    manifest = ZooManifest(
+        recipe_version=RECIPE_VERSION,
+        seed=seed,
+        preset=spec.name,
+        base_model=BASE_NAME,
+        tasks=tasks,
+        classnames={t: list(TASKS[t].classnames) for t in tasks},
+        templates={t: list(TASKS[t].templates) for t in tasks},
+        paths=paths,
+        num_examples={t: {"train": spec.n_train, "test": spec.n_test} for t in tasks},
+        # Through JSON so that the in-memory manifest equals the one read back from zoo.json.
+        settings=json.loads(json.dumps({**spec.to_dict(), "build_threads": BUILD_THREADS})),
+        versions=_versions(),
+        root=root,
+    )
+    # 4. Measure the world from the saved files.
+    t0 = time.perf_counter()
+    manifest.accuracies = evaluate_world(manifest, progress=progress)
+    timings["evaluate"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+    manifest.timings = {k: round(v, 2) for k, v in timings.items()}
+    manifest.save()
+    return manifest
+
+
+def get_toy_zoo(
+    preset: str | ToyZooPreset = "full",
+    seed: int = 0,
+    output_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> ZooManifest:
+    """The toy zoo at ``output_dir`` (default :func:`default_zoo_dir`), built first if needed.
+
+    An existing zoo is reused when its manifest matches the recipe version, preset and seed; otherwise (or
+    with ``force``) it is rebuilt.
+    """
+    spec = _resolve_preset(preset)
+    target = Path(output_dir) if output_dir is not None else default_zoo_dir(spec.name, seed)
+    if not force and (target / MANIFEST_FILE).is_file():
+        try:
+            manifest = ZooManifest.load(target)
+        except WEMoEError:
+            manifest = None
+        if manifest and (manifest.recipe_version, manifest.preset, manifest.seed) == (
+            RECIPE_VERSION,
+            spec.name,
+            seed,
+        ):
+            return manifest
+    return build_toy_zoo(target, spec, seed=seed, progress=progress, overwrite=True)
+
+
+def custom_preset(base: str = "small", **changes) -> ToyZooPreset:
+    """A copy of a built-in preset with some fields changed (e.g. tiny budgets for quick checks)."""
+    return replace(_resolve_preset(base), **changes)
