@@ -27,12 +27,13 @@ from .configuration_wemoe import WEMoECLIPVisionConfig
 # Names of the four MLP tensors that carry task vectors, and the nn.Linear they belong to.
 MLP_TENSORS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
-# Per-sample merged weights are built one block (samples x output rows x in) at a time, so that a block stays in
-# the CPU's L2 cache between being written and being consumed and nothing of size batch x weight is ever alive.
-# At most about this many elements per block on CPU (see BENCHMARKS.md for how it was tuned)...
-MERGE_BLOCK_ELEMENTS = 1 << 19
+# Per-sample merged weights are built one block (samples x output rows x in) at a time, so that nothing of size
+# batch x weight is ever alive and a block is consumed while still in cache. On CPU, 2^19 to 2^22 elements per
+# block cost the same CPU time at ViT-B/32 (2^23 and up cost more); the largest of them means the fewest
+# operations, which matters when other processes compete for the cores (every operation is a parallel region).
+MERGE_BLOCK_ELEMENTS = 1 << 22
 # ...but no fewer output rows than this: narrow blocks make the per-sample GEMMs inefficient.
-MIN_BLOCK_ROWS = 32
+MIN_BLOCK_ROWS = 64
 # On accelerators the block only bounds memory; large blocks mean few kernel launches.
 ACCELERATOR_MERGE_BLOCK_ELEMENTS = 1 << 24
 
@@ -71,42 +72,67 @@ class _PerSampleLinear(torch.autograd.Function):
     and overwritten by the next block. Backward rebuilds the blocks instead of keeping merged weights alive:
     dx[b] = dy[b] @ W[b], and with G[b] = dy[b].T @ x[b] (summed over tokens), dr[b, k] = <tau[k], G[b]> and
     d[W0; tau] = [1, r].T @ G. All merging and routing arithmetic runs in the routing dtype (at least float32).
+
+    With `activation`, the layer computes on `activation(x)` and keeps only `x` for backward, recomputing the
+    activation there: an MLP's second layer then saves one (batch, tokens, intermediate) tensor instead of three.
     """
 
     @staticmethod
-    def forward(ctx, x, routing, weight, bias, weight_deltas, bias_deltas):  # noqa: D102
+    def forward(ctx, x, routing, weight, bias, weight_deltas, bias_deltas, activation=None):  # noqa: D102
         ctx.save_for_backward(x, routing, weight, bias, weight_deltas, bias_deltas)
+        ctx.activation = activation
+        if activation is not None:
+            x = activation(x)
         batch, tokens, in_features = x.shape
         out_features = weight.shape[0]
         bias_rows = torch.addmm(bias.to(routing.dtype).unsqueeze(0), routing, bias_deltas.to(routing.dtype))
         bias_rows = bias_rows.to(x.dtype).unsqueeze(1)
         blocks = _MergeBlocks(x, routing, weight, weight_deltas)
-        if blocks.rows == out_features:  # one block of rows: every sample group writes its slice of the output
+        if blocks.rows == out_features:
+            # One block of rows: every sample group writes its own slice of the output.
             output = x.new_empty(batch, tokens, out_features)
             for _ in blocks.row_ranges():
                 for first, last in blocks.sample_ranges():
-                    merged = blocks.merged(first, last).transpose(1, 2)
-                    torch.baddbmm(bias_rows[first:last], x[first:last], merged, out=output[first:last])
-            return output
-        # Row blocks are strided slices of the output, and a strided `out=` makes baddbmm run one GEMM per sample:
-        # each block goes to a contiguous staging slab, and one concatenation assembles the output.
-        staging = x.new_empty(batch * tokens * out_features)
-        parts, offset = [], 0
-        for start, stop in blocks.row_ranges():
-            part = staging[offset : offset + batch * tokens * (stop - start)].view(batch, tokens, stop - start)
-            offset += part.numel()
-            parts.append(part)
-            for first, last in blocks.sample_ranges():
-                merged = blocks.merged(first, last).transpose(1, 2)
-                torch.baddbmm(
-                    bias_rows[first:last, :, start:stop], x[first:last], merged, out=part[first:last]
+                    torch.bmm(
+                        x[first:last], blocks.merged(first, last).transpose(1, 2), out=output[first:last]
+                    )
+        else:
+            # Row blocks are strided slices of the output, and a strided `out=` makes bmm run one GEMM per sample:
+            # each block goes to a contiguous staging slab, and one concatenation assembles the output.
+            staging = x.new_empty(batch * tokens * out_features)
+            parts, offset = [], 0
+            for start, stop in blocks.row_ranges():
+                part = staging[offset : offset + batch * tokens * (stop - start)].view(
+                    batch, tokens, stop - start
                 )
-        return torch.cat(parts, dim=-1)
+                offset += part.numel()
+                parts.append(part)
+                for first, last in blocks.sample_ranges():
+                    merged = blocks.merged(first, last).transpose(1, 2)
+                    torch.bmm(x[first:last], merged, out=part[first:last])
+            output = torch.cat(parts, dim=-1)
+        # One pass for the biases of every block (few large operations keep per-operation overhead low).
+        return output.add_(bias_rows)
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
-        x, routing, weight, bias, weight_deltas, bias_deltas = ctx.saved_tensors
-        need_x, need_routing, need_weight, need_bias, need_deltas, need_bias_deltas = ctx.needs_input_grad
+        x, need_x = ctx.saved_tensors[0], ctx.needs_input_grad[0]
+        if ctx.activation is None:
+            grads = _PerSampleLinear._backward(ctx, grad_output, x, need_x)
+            return *grads, None
+        # Recompute the activation (with its graph when x needs a gradient) and chain through it.
+        with torch.enable_grad():
+            pre_activation = x.detach().requires_grad_(need_x)
+            activated = ctx.activation(pre_activation)
+        grad_activated, *grads = _PerSampleLinear._backward(ctx, grad_output, activated.detach(), need_x)
+        grad_x = torch.autograd.grad(activated, pre_activation, grad_activated)[0] if need_x else None
+        return grad_x, *grads, None
+
+    @staticmethod
+    def _backward(ctx, grad_output, x, need_x):
+        """Gradients for (x, routing, weight, bias, weight_deltas, bias_deltas) of the layer applied to `x`."""
+        _, routing, weight, bias, weight_deltas, bias_deltas = ctx.saved_tensors
+        need_routing, need_weight, need_bias, need_deltas, need_bias_deltas = ctx.needs_input_grad[1:6]
         acc = routing.dtype
         grad_x = grad_routing = grad_weight = grad_bias = grad_deltas = grad_bias_deltas = None
 
@@ -369,7 +395,9 @@ class WEMoETaskVectors(nn.Module):
             shape = self.shapes[name]
             # Built outside inference mode so that a cache first filled during evaluation still serves training.
             with torch.inference_mode(False), torch.no_grad():
-                dense = torch.zeros(values.shape[0], math.prod(shape), dtype=values.dtype, device=values.device)
+                dense = torch.zeros(
+                    values.shape[0], math.prod(shape), dtype=values.dtype, device=values.device
+                )
                 dense.scatter_(1, indices.long(), values)
             cached = (key, dense.view(values.shape[0], *shape))
             self._dense_cache[name] = cached
@@ -434,8 +462,10 @@ class WEMoEMLP(nn.Module):
             )
         else:
             hidden_states = self._per_sample_linear("fc1", hidden_states, routing_weights)
-            hidden_states = self.activation_fn(hidden_states)
-            hidden_states = self._per_sample_linear("fc2", hidden_states, routing_weights)
+            # The activation runs inside the second layer, which recomputes it in backward instead of saving it.
+            hidden_states = self._per_sample_linear(
+                "fc2", hidden_states, routing_weights, activation=self.activation_fn
+            )
         return hidden_states, routing_weights
 
     def _merged_linear(
@@ -449,8 +479,9 @@ class WEMoEMLP(nn.Module):
         )
 
     def _per_sample_linear(
-        self, name: str, hidden_states: torch.Tensor, routing: torch.Tensor
+        self, name: str, hidden_states: torch.Tensor, routing: torch.Tensor, activation=None
     ) -> torch.Tensor:
+        """The named layer with per-sample merged weights, on `activation(hidden_states)` when given."""
         linear = getattr(self, name)
         tokens = hidden_states.reshape(hidden_states.shape[0], -1, hidden_states.shape[-1])
         output = _PerSampleLinear.apply(
@@ -460,6 +491,7 @@ class WEMoEMLP(nn.Module):
             linear.bias,
             self.task_vectors.dense(f"{name}_weight"),
             self.task_vectors.dense(f"{name}_bias"),
+            activation,
         )
         return output.view(*hidden_states.shape[:-1], output.shape[-1])
 
