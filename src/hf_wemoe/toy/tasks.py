@@ -452,7 +452,7 @@ TASKS: dict[str, ToyTask] = {
             name="gratings",
             classnames=tuple(_GRATING_ANGLES),
             templates=("a texture of {c} stripes.", "a photo of {c} lines.", "a noisy pattern of {c} bars."),
-            description="a noisy sinusoidal grating in a round window on a grey surround; the class is its orientation",
+            description="a noisy grey grating in a round window; the class is its orientation",
             generator=_gen_gratings,
         ),
         ToyTask(
@@ -481,7 +481,7 @@ TASKS: dict[str, ToyTask] = {
                 "a road sign pointing {c}.",
                 "a photo of a sign with an arrow to the {c}.",
             ),
-            description="a round road sign with a white arrow; the class is the compass direction it points to",
+            description="a round road sign with a white arrow; the class is the direction it points to",
             generator=_gen_arrows,
         ),
         ToyTask(
