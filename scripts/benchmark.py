@@ -699,6 +699,19 @@ def status(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
+def shown_arguments(argv: list[str]) -> list[str]:
+    """The command-line arguments that shape the measurements (not where the results were written)."""
+    shown, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument in ("--json", "--output"):
+            skip = True
+        elif not argument.startswith(("--json=", "--output=")):
+            shown.append(argument)
+    return shown
+
+
 def report(args, info: dict, results: dict, started: str, elapsed: float) -> str:
     lines = [
         "# Benchmarks",
@@ -708,7 +721,7 @@ def report(args, info: dict, results: dict, started: str, elapsed: float) -> str
         "",
         "## Setup",
         "",
-        f"- command: `python scripts/{Path(__file__).name} {' '.join(args.argv)}`".rstrip() + "",
+        f"- command: `{' '.join(['python', f'scripts/{Path(__file__).name}', *shown_arguments(args.argv)])}`",
         f"- shape: ViT-{args.shape}, {NUM_EXPERTS} experts, float32 weights, device {info['device']}, "
         f"{info['threads']} threads (`torch.set_num_threads`)",
         f"- machine: {info['cpu']}, {info['cores']} cores, "
@@ -988,22 +1001,27 @@ def notes(args) -> dict[str, str]:
             f"vectors from memory once ({stream:.1f} GB in float32 at ViT-{args.shape}, whatever the batch; "
             "~0.15-0.2 s at this machine's ~10 GB/s); (2) writing the merged blocks: K/T = "
             f"{NUM_EXPERTS}/{tokens} of the MLP FLOPs, but bound by stores; (3) the per-sample GEMMs have only "
-            f"M = T = {tokens} rows and take the merged weight as a transposed operand, and run at about 55-65% of the "
-            "efficiency of the static model's single large GEMM (measured per layer with one thread: fc1 36-43 ms "
-            "vs 24 ms, fc2 43-50 ms vs 24 ms at batch 16). Tuning (one thread, CPU time, batch 16): per-sample "
-            "forward/static went from 3.1x (the first implementation: blocks of 2^21 elements allocated afresh "
-            "for every block, so every block page-faulted; a copy of W0 broadcast into every block; the bias added "
-            "in a separate pass) to 2.0-2.1x (workspaces allocated once per call and reused, no page faults; small "
-            "batches merge straight from the stored tensors, larger ones stage the K + 1 expert rows once per row "
-            "block; biases added in one pass; blocks of 2^19-2^22 elements measured within 3% of each other and "
-            "2^22 kept for the fewest operations). What would close the rest: "
-            "a fused kernel that merges each block straight into the GEMM's packed weight panel (removes (2) and most "
-            "of (3)), task vectors stored in bfloat16 (`--dtype bfloat16`, halves (1)), or an accelerator, where the "
-            "merge is a small part of the time."
+            f"M = T = {tokens} rows and take the merged weight as a transposed operand: with one thread at batch 16 "
+            "they take about 36 ms (fc1) and 50 ms (fc2) per layer against 24 ms for the static GEMM. "
+            "Measured tuning (ViT-B/32, batch 16): the first implementation took 2.8x the static model with two "
+            "threads (3.1x in one-thread CPU time) because every block was a fresh multi-megabyte allocation "
+            "(477,000 page faults per forward, now none: workspaces are allocated once per call and reused), W0 was "
+            "copied into every block, and the bias was added block by block; now small batches merge straight from "
+            "the stored tensors and larger ones stage the K + 1 expert rows once per row block, and biases are added "
+            "in one pass. Block size with two threads: 2^20 elements 2.5x, 2^21 2.2x, 2^22 2.1x, 2^23 2.2x (with "
+            "one thread 2^19 to 2^22 are within 3%); 2^22 also means the fewest operations. Tried and dropped: "
+            "staging the expert rows transposed so that the GEMM gets a non-transposed operand (the transposing copy "
+            "costs what the GEMM gains), larger blocks for large batches (+7% and +11% CPU time for 2^23 and 2^24 at "
+            "batch 128). What would close the rest: a fused kernel that merges each block straight into the GEMM's "
+            "packed weight panel (removes (2) and most of (3)), task vectors stored in bfloat16 (`--dtype bfloat16`, "
+            "halves (1)), or an accelerator, where the merge is a small part of the time."
         ),
         "fusionbench": (
             "FusionBench's per-sample forward loops over samples in Python, builds a full merged copy of all four MLP "
-            "tensors per sample (K + 1 full-size passes) and calls the MLP once per sample."
+            "tensors per sample (K + 1 full-size passes) and calls the MLP once per sample: about 10x the static "
+            "model on this machine. The speedup is that ratio over ours, so it falls short exactly when the "
+            "per-sample target does, for the reasons given there; "
+            "outputs agree to a few 1e-6 (float32 rounding of the two merge orders)."
         ),
         "batch": (
             "Batch routing merges one MLP per layer per forward (no per-token or per-sample work) and then runs the "
@@ -1011,7 +1029,8 @@ def notes(args) -> dict[str, str]:
             f"The merge must read every task vector once per forward ({stream:.1f} GB in float32, ~0.15-0.2 s here), "
             "which is large next to a batch-16 forward and small next to a batch-128 one, so the ratio falls with the "
             "batch; the router's share does not. bfloat16 task vectors halve the stream; nothing removes the router, "
-            "which is part of the method."
+            "which is part of the method. Batch routing uses the same kernel as per-sample routing, with all tokens of "
+            "the batch as one sample (so its training step also recomputes the activation instead of saving it)."
         ),
         "train": (
             "Router training with per-sample routing keeps no merged weights for backward: the custom autograd "

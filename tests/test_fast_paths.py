@@ -204,7 +204,8 @@ def test_non_contiguous_inputs(blocking):
 
 
 @pytest.mark.parametrize("delta_dtype", [torch.float32, torch.bfloat16])
-def test_merged_weight_for_batch_routing(monkeypatch, delta_dtype):
+def test_merged_weight_of_one_routing_vector(monkeypatch, delta_dtype):
+    """The merge behind `merged_mlp_state` and `collapse`, with block-wise conversion of low-precision storage."""
     monkeypatch.setattr(modeling, "MERGE_BLOCK_ELEMENTS", 3 * 11)  # 3 rows per conversion block
     inputs = make_inputs(1, 37, 11, seed=9, delta_dtype=delta_dtype)
     routing = inputs["routing"].clone().requires_grad_(True)

@@ -452,14 +452,13 @@ class WEMoEMLP(nn.Module):
         routing_weights = routing_weights.to(torch.promote_types(routing_weights.dtype, torch.float32))
 
         if self.config.routing == "batch":
+            # One merged MLP for the whole batch: the same kernel, with every token of the batch as one "sample"
+            # routed by the batch mean (one merge per layer per forward, one large GEMM per layer).
             mean = routing_weights.mean(dim=0, keepdim=True)
-            hidden_states = nn.functional.linear(
-                hidden_states, *self._merged_linear("fc1", mean, hidden_states.dtype)
-            )
-            hidden_states = self.activation_fn(hidden_states)
-            hidden_states = nn.functional.linear(
-                hidden_states, *self._merged_linear("fc2", mean, hidden_states.dtype)
-            )
+            tokens = hidden_states.reshape(1, -1, hidden_states.shape[-1])
+            tokens = self._per_sample_linear("fc1", tokens, mean)
+            tokens = self._per_sample_linear("fc2", tokens, mean, activation=self.activation_fn)
+            hidden_states = tokens.view(*hidden_states.shape[:-1], tokens.shape[-1])
         else:
             hidden_states = self._per_sample_linear("fc1", hidden_states, routing_weights)
             # The activation runs inside the second layer, which recomputes it in backward instead of saving it.
