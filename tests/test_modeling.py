@@ -45,7 +45,7 @@ def reference_task_vectors(model: WEMoECLIPVisionModel, layer_index: int) -> dic
         if prefix + f"task_vectors.{name}" in state:
             out[name] = state[prefix + f"task_vectors.{name}"].float()
             continue
-        indices = state[prefix + f"task_vectors.{name}_indices"].long()
+        indices = stored_positions(state, prefix + f"task_vectors.{name}")
         values = state[prefix + f"task_vectors.{name}_values"].float()
         dense = torch.zeros(indices.shape[0], int(torch.tensor(shape).prod()))
         for k in range(indices.shape[0]):
@@ -53,6 +53,23 @@ def reference_task_vectors(model: WEMoECLIPVisionModel, layer_index: int) -> dic
                 dense[k, indices[k, j]] = values[k, j]
         out[name] = dense.view(indices.shape[0], *shape)
     return out
+
+
+def stored_positions(state: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """The flat positions (K, nnz) of sparse task vectors `key`, decoded by hand from the state dict: entries
+    are grouped in blocks of 65536 positions, `{key}_block_counts` counts them per block and `{key}_indices`
+    holds each one's unsigned 16-bit offset inside its block, stored as int16."""
+    offsets, counts = state[f"{key}_indices"], state[f"{key}_block_counts"]
+    assert offsets.dtype == torch.int16 and counts.dtype == torch.int32
+    positions = torch.empty(offsets.shape, dtype=torch.long)
+    for k in range(offsets.shape[0]):
+        j = 0
+        for block, count in enumerate(counts[k].tolist()):
+            for _ in range(count):
+                positions[k, j] = block * 65536 + int(offsets[k, j]) % 65536
+                j += 1
+        assert j == offsets.shape[1]
+    return positions
 
 
 def reference_routing(router: torch.nn.Module, tokens: torch.Tensor, depth: int) -> torch.Tensor:
@@ -194,11 +211,12 @@ def test_sparse_task_vectors_keep_top_magnitudes_and_are_stored_sparsely(tiny_zo
     base, experts = tiny_zoo
     model = build_wemoe(base, experts, task_vector_sparsity=0.9, task_vector_dtype="bfloat16")
     state = model.state_dict()
-    indices = state["encoder.layers.0.mlp.task_vectors.fc1_weight_indices"]
+    indices = stored_positions(state, "encoder.layers.0.mlp.task_vectors.fc1_weight")
     values = state["encoder.layers.0.mlp.task_vectors.fc1_weight_values"]
     numel = 64 * 32
     assert indices.shape == values.shape == (3, num_kept_entries(numel, 0.9)) == (3, 205)
     assert values.dtype == torch.bfloat16 and "encoder.layers.0.mlp.task_vectors.fc1_weight" not in state
+    assert state["encoder.layers.0.mlp.task_vectors.fc1_weight_block_counts"].shape == (3, 1)
     tau = (
         experts["task1"].state_dict()["encoder.layers.0.mlp.fc1.weight"]
         - base.state_dict()["encoder.layers.0.mlp.fc1.weight"]

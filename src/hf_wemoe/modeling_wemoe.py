@@ -37,6 +37,10 @@ MIN_BLOCK_ROWS = 64
 # On accelerators the block only bounds memory; large blocks mean few kernel launches.
 ACCELERATOR_MERGE_BLOCK_ELEMENTS = 1 << 24
 
+# Sparse task vectors store a kept entry's flat position as a 16-bit offset inside a block of this many entries,
+# plus the number of kept entries in every block (see `WEMoETaskVectors`).
+SPARSE_BLOCK_SIZE = 1 << 16
+
 
 def num_kept_entries(numel: int, sparsity: float) -> int:
     """Entries a task-vector tensor of `numel` elements keeps at `sparsity`: ceil((1 - sparsity) * numel), at least 1."""
@@ -57,6 +61,40 @@ def sparsify_task_vector(tensor: torch.Tensor, sparsity: float) -> tuple[torch.T
     mask[torch.topk(flat.float().abs(), keep, sorted=False).indices] = True
     indices = mask.nonzero().squeeze(1)
     return indices.to(torch.int32), flat[indices]
+
+
+def num_index_blocks(numel: int) -> int:
+    """How many `SPARSE_BLOCK_SIZE`-entry blocks a flattened tensor of `numel` elements spans."""
+    return -(-numel // SPARSE_BLOCK_SIZE)
+
+
+def encode_sparse_indices(indices: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split flat indices (..., nnz), increasing along the last axis, into 16-bit offsets and per-block counts.
+
+    Returns `(offsets, block_counts)`: `offsets` (..., nnz) int16 holds `index % 65536` (the unsigned 16-bit
+    value reinterpreted as signed: 40000 is stored as -25536), `block_counts` (..., ceil(numel / 65536)) int32
+    how many indices fall in each block `index // 65536`. Works on any device, including `meta`.
+    """
+    indices = indices.long()
+    # Offsets keep the low 16 bits; XOR and subtract sign-extend them to the int16 range without an overflowing
+    # cast (offset 40000 becomes -25536).
+    offsets = (((indices & (SPARSE_BLOCK_SIZE - 1)) ^ 0x8000) - 0x8000).to(torch.int16)
+    # The indices are sorted, so the entries before each block boundary give the counts.
+    boundaries = torch.arange(num_index_blocks(numel) + 1, device=indices.device) * SPARSE_BLOCK_SIZE
+    boundaries = boundaries.expand(*indices.shape[:-1], -1).contiguous()
+    counts = torch.searchsorted(indices, boundaries).diff(dim=-1).to(torch.int32)
+    return offsets, counts
+
+
+def decode_sparse_indices(offsets: torch.Tensor, block_counts: torch.Tensor) -> torch.Tensor:
+    """The int64 flat indices (K, nnz) stored as `offsets` (K, nnz) and `block_counts` (K, blocks).
+
+    Inverse of `encode_sparse_indices`; expects every row of `block_counts` to be non-negative and sum to nnz.
+    """
+    rows, nnz = offsets.shape
+    block_numbers = torch.arange(block_counts.shape[-1], device=offsets.device).repeat(rows)
+    blocks = torch.repeat_interleave(block_numbers, block_counts.reshape(-1), output_size=rows * nnz)
+    return blocks.view(rows, nnz) * SPARSE_BLOCK_SIZE + (offsets.long() & (SPARSE_BLOCK_SIZE - 1))
 
 
 def _routing_for_layer(force_routing: torch.Tensor, position: int) -> torch.Tensor:
@@ -342,7 +380,22 @@ class WEMoERouter(nn.Module):
 
 
 class WEMoETaskVectors(nn.Module):
-    """The K task vectors of one MLP, stored densely (K, *shape) or sparsely (K, nnz) indices and values."""
+    """The K task vectors of one MLP, stored densely or sparsely.
+
+    Dense: one buffer `{name}` (K, *shape) per tensor. Sparse (`task_vector_sparsity > 0`), with nnz =
+    `num_kept_entries(numel, sparsity)` kept entries per expert at increasing flat positions p (row-major over
+    `shape`), and blocks of `SPARSE_BLOCK_SIZE` = 65536 positions:
+
+    - `{name}_values` (K, nnz), storage dtype: the kept values, in position order;
+    - `{name}_indices` (K, nnz) int16: `p % 65536`, the unsigned 16-bit offset stored in int16 (values of
+      32768 and above read as negative; decode with `& 0xFFFF`);
+    - `{name}_block_counts` (K, ceil(numel / 65536)) int32: how many kept entries lie in each block
+      `p // 65536` (a CSR row pointer in count form; every row sums to nnz).
+
+    Decoding: `block = repeat_interleave(arange(blocks), counts)`, `p = block * 65536 + offset`. Positions cost
+    2 bytes per kept entry plus 4 bytes per block, and every shape depends only on the config, so plain
+    `from_pretrained` loads the layout. The dense tensors are expanded once and cached (`dense`).
+    """
 
     def __init__(self, config: WEMoECLIPVisionConfig):
         super().__init__()
@@ -353,21 +406,27 @@ class WEMoETaskVectors(nn.Module):
             "fc2_bias": (config.hidden_size,),
         }
         self.sparsity = float(config.task_vector_sparsity)
+        # The state-dict prefix of this module, set by the model, to name tensors in errors.
+        self.key_prefix = "task_vectors."
         dtype = getattr(torch, config.task_vector_dtype)
         num_experts = config.num_experts
         for name, shape in self.shapes.items():
             if self.is_sparse:
-                kept = num_kept_entries(math.prod(shape), self.sparsity)
-                self.register_buffer(f"{name}_indices", torch.zeros(num_experts, kept, dtype=torch.int32))
+                numel = math.prod(shape)
+                kept = num_kept_entries(numel, self.sparsity)
+                # A valid placeholder until a checkpoint or `set` fills it: the first `kept` positions, all zero.
+                offsets, counts = encode_sparse_indices(torch.arange(kept), numel)
+                self.register_buffer(f"{name}_indices", offsets.expand(num_experts, -1).clone())
+                self.register_buffer(f"{name}_block_counts", counts.expand(num_experts, -1).clone())
                 self.register_buffer(f"{name}_values", torch.zeros(num_experts, kept, dtype=dtype))
             else:
                 self.register_buffer(name, torch.zeros(num_experts, *shape, dtype=dtype))
         self._dense_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     def _apply(self, fn, recurse=True):
-        # Task vectors keep their configured storage dtype when the model changes dtype (`model.half()`,
-        # `model.to(torch.bfloat16)`); they only follow device moves. `fn` is probed on an empty tensor to learn
-        # the target device without converting (and copying) the stored values.
+        # Task vectors (and the integer position buffers) keep their storage dtypes when the model changes
+        # dtype (`model.half()`, `model.to(torch.bfloat16)`); they only follow device moves. `fn` is probed on
+        # an empty tensor to learn the target device without converting (and copying) the stored values.
         for name, buffer in self._buffers.items():
             if buffer is not None:
                 device = fn(torch.empty(0, dtype=buffer.dtype, device=buffer.device)).device
@@ -383,25 +442,49 @@ class WEMoETaskVectors(nn.Module):
     def dense(self, name: str) -> torch.Tensor:
         """The task vectors of tensor `name` as a dense (K, *shape) tensor in the storage dtype.
 
-        Sparse storage is expanded once and cached until the stored indices or values change (a load, a move
+        Sparse storage is expanded once and cached until the stored positions or values change (a load, a move
         to another device).
+
+        Raises:
+            ValueError: the stored positions are corrupted (block counts that do not sum to the number of kept
+                entries, or positions that are not increasing inside the tensor); names the tensor.
         """
         if not self.is_sparse:
             return getattr(self, name)
-        indices, values = getattr(self, f"{name}_indices"), getattr(self, f"{name}_values")
-        key = (indices.data_ptr(), _version(indices), values.data_ptr(), _version(values), values.device)
+        buffers = [getattr(self, f"{name}_{part}") for part in ("indices", "block_counts", "values")]
+        key = (*((b.data_ptr(), _version(b)) for b in buffers), buffers[-1].device)
         cached = self._dense_cache.get(name)
         if cached is None or cached[0] != key:
+            offsets, counts, values = buffers
             shape = self.shapes[name]
+            positions = self._positions(name, offsets, counts, math.prod(shape))
             # Built outside inference mode so that a cache first filled during evaluation still serves training.
             with torch.inference_mode(False), torch.no_grad():
                 dense = torch.zeros(
                     values.shape[0], math.prod(shape), dtype=values.dtype, device=values.device
                 )
-                dense.scatter_(1, indices.long(), values)
+                dense.scatter_(1, positions, values)
             cached = (key, dense.view(values.shape[0], *shape))
             self._dense_cache[name] = cached
         return cached[1]
+
+    def _positions(self, name: str, offsets: torch.Tensor, counts: torch.Tensor, numel: int) -> torch.Tensor:
+        """Decode and check the flat positions (K, nnz) of tensor `name`."""
+        stored = f"{self.key_prefix}{name}"
+        kept = offsets.shape[-1]
+        totals = counts.sum(dim=-1)
+        if bool((counts < 0).any()) or bool((totals != kept).any()):
+            raise ValueError(
+                f"corrupted sparse task vectors: every row of '{stored}_block_counts' must be non-negative and "
+                f"sum to {kept} kept entries (row sums {totals.tolist()}); the checkpoint is damaged, re-create it"
+            )
+        positions = decode_sparse_indices(offsets, counts)
+        if bool((positions[:, 1:] <= positions[:, :-1]).any()) or bool((positions[:, -1] >= numel).any()):
+            raise ValueError(
+                f"corrupted sparse task vectors: '{stored}_indices' with '{stored}_block_counts' do not decode "
+                f"to increasing positions below {numel} (the tensor's size); the checkpoint is damaged, re-create it"
+            )
+        return positions
 
     def set(self, name: str, task_vectors: torch.Tensor) -> None:
         """Store the stacked (K, *shape) task vectors of tensor `name`, sparsifying them when configured."""
@@ -409,7 +492,9 @@ class WEMoETaskVectors(nn.Module):
             if self.is_sparse:
                 for k, tensor in enumerate(task_vectors):
                     indices, values = sparsify_task_vector(tensor, self.sparsity)
-                    getattr(self, f"{name}_indices")[k].copy_(indices)
+                    offsets, counts = encode_sparse_indices(indices, tensor.numel())
+                    getattr(self, f"{name}_indices")[k].copy_(offsets)
+                    getattr(self, f"{name}_block_counts")[k].copy_(counts)
                     getattr(self, f"{name}_values")[k].copy_(values)
             else:
                 getattr(self, name).copy_(task_vectors)
@@ -641,6 +726,9 @@ class WEMoECLIPPreTrainedModel(PreTrainedModel):
         """Initialise weights, then make only router parameters trainable."""
         super().post_init()
         self.freeze_non_router_parameters()
+        for name, module in self.named_modules():
+            if isinstance(module, WEMoETaskVectors):
+                module.key_prefix = f"{name}."
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -868,6 +956,8 @@ __all__ = [
     "WEMoEMLP",
     "WEMoERouter",
     "WEMoETaskVectors",
+    "decode_sparse_indices",
+    "encode_sparse_indices",
     "num_kept_entries",
     "sparsify_task_vector",
 ]

@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# Key endings of the tensors that hold the positions of sparse task-vector entries.
+SPARSE_POSITION_SUFFIXES = ("_indices", "_block_counts")
 
 
 class ShardedSafetensorsWriter:
@@ -99,11 +101,12 @@ def tensor_shapes(folder: str | os.PathLike) -> dict[str, tuple[tuple[int, ...],
 def count_parameters(folder: str | os.PathLike) -> dict[str, int]:
     """Stored values of a saved model, by role: `total`, `router`, `task_vectors` and `other`.
 
-    Index tensors of sparse task vectors are positions, not parameters, and are not counted.
+    The position tensors of sparse task vectors (`*_indices`, `*_block_counts`, see `WEMoETaskVectors`) are
+    not parameters and are not counted.
     """
     counts = {"total": 0, "router": 0, "task_vectors": 0, "other": 0}
     for key, (shape, _) in tensor_shapes(folder).items():
-        if key.endswith("_indices"):
+        if ".task_vectors." in key and key.endswith(SPARSE_POSITION_SUFFIXES):
             continue
         numel = math.prod(shape)
         role = "router" if ".router." in f".{key}" else "task_vectors" if ".task_vectors." in key else "other"
