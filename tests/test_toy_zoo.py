@@ -131,6 +131,8 @@ def test_models_load_with_auto_classes_and_pipeline(toy_zoo_small: ZooManifest):
     tokenizer = AutoTokenizer.from_pretrained(zoo.base_path)
     processor = AutoProcessor.from_pretrained(zoo.base_path)
     assert base.config.vision_config.image_size == 32
+    # Zero-shot heads score at the scale the experts were fine-tuned with (100, as OpenAI CLIP).
+    assert base.logit_scale.exp().item() == pytest.approx(100.0)
     assert len(tokenizer) == base.config.text_config.vocab_size
     images, _ = generate_split("digits", "test", 4, zoo.seed)
     from PIL import Image

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +53,7 @@ from .models import (
 from .tasks import TASKS, generate_split
 from .training import (
     BUILD_THREADS,
+    HEAD_SCALE,
     FinetuneRecipe,
     PretrainRecipe,
     TaskData,
@@ -73,7 +76,7 @@ __all__ = [
 ]
 
 #: Bumped whenever a change to the recipe changes the built files; cached zoos of older versions are rebuilt.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 #: Folder name of the base model; experts are ``<BASE_NAME>_<task>``.
 BASE_NAME = "clip-vit-toy-p8"
 MANIFEST_FILE = "zoo.json"
@@ -307,10 +310,9 @@ def build_toy_zoo(
             raise WEMoEError(f"{target} already exists; pass overwrite=True (CLI: --force) to rebuild it")
         _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    # A fresh private staging folder: concurrent builds of the same zoo never share one.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp's private mode would otherwise stick to the finished zoo
     try:
         manifest = _build_into(tmp, spec, seed, progress)
         if target.exists():
@@ -318,9 +320,9 @@ def build_toy_zoo(
                 # Another process finished the same zoo first: keep theirs.
                 shutil.rmtree(tmp)
                 return ZooManifest.load(target)
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / "zoo"
             target.rename(old)
-            shutil.rmtree(old)
+            shutil.rmtree(old.parent)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -365,6 +367,10 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool) -> Zo
 
         model = CLIPModel(build_clip_config(tokenizer, spec.sizes))
         pretrain_clip(model, tokenizer, pretrain, spec.pretrain, seed=seed, progress=progress)
+        # The saved base carries the logit scale the experts are fine-tuned with (OpenAI CLIP's 100), so the
+        # zero-shot heads built from it score images exactly as the experts were trained to be scored.
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(HEAD_SCALE))
         base_dir = root / base_rel
         model.save_pretrained(base_dir)
         build_processor(tokenizer).save_pretrained(base_dir)
