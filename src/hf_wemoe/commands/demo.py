@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 DEFAULT_STEPS = 200
-DEFAULT_LR = 1e-4
+# The paper's ViT-B/32 run used 1e-4 for 1000 steps (and reports that 1e-3 also works); the demo takes
+# 1e-3 to converge within its 200 steps.
+DEFAULT_LR = 1e-3
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -10,14 +10,18 @@ Layout of a built zoo (Hub-like folders, everything loadable with ``from_pretrai
 The recipe (see :data:`PRESETS`):
 
 1. Datasets: every task's train and test splits, plus a separate captioned "pretrain" corpus (same
-   generators, independent samples; kept in memory only).
+   generators, independent samples; kept in memory only). The train and test images are a closer, noisier view
+   than the pretraining images (:func:`~hf_wemoe.toy.tasks.apply_domain_shift`), the way a specialised
+   dataset differs from web images: the base's features carry over, its zero-shot accuracy drops.
 2. Base: a tiny CLIP trained from scratch with the CLIP contrastive loss on the pretrain corpus, captions
-   being the tasks' templates filled with class names. It is kept short on purpose: zero-shot accuracy
-   lands clearly above chance but well below fine-tuned accuracy, as for real CLIP models.
+   being the tasks' templates filled with class names.
 3. Experts: for each task, the base vision tower fine-tuned on the task's train split against the frozen
-   zero-shot head (logits = 100 * normalize(visual_projection(pooled)) @ head.T); ``visual_projection``
-   stays frozen. MLP tensors train at the full learning rate, attention and layer norms at 1/100 of it, the
-   embeddings not at all, so the task knowledge sits in the MLPs: the part a WEMoE model routes per input.
+   zero-shot head (logits = logit_scale * normalize(visual_projection(pooled)) @ head.T, at the base's own
+   learned scale, so the base and the experts are calibrated alike); ``visual_projection`` stays frozen. MLP
+   tensors train at the full learning rate, attention and layer norms at 1/100 of it, the embeddings not at
+   all, so the task knowledge sits in the MLPs: the part a WEMoE model routes per input. A feature-preservation
+   term keeps each expert's layer states on the other tasks' images close to the base's (see
+   :class:`~hf_wemoe.toy.training.FinetuneRecipe`). Experts train in parallel worker processes.
 4. Evaluation of the world (:func:`hf_wemoe.toy.evaluate_world.evaluate_world`), stored in the manifest.
 
 Builds are deterministic: the same seed (and torch version, CPU type) gives byte-identical dataset files
@@ -26,11 +30,10 @@ and safetensors files; torch runs with a fixed thread count during the build (se
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -53,12 +56,14 @@ from .models import (
 from .tasks import TASKS, generate_split
 from .training import (
     BUILD_THREADS,
-    HEAD_SCALE,
+    PRETRAIN_THREADS,
     FinetuneRecipe,
+    PreserveData,
     PretrainRecipe,
     TaskData,
     deterministic_torch,
     finetune_expert,
+    layer_states,
     pretrain_clip,
     zero_shot_head,
 )
@@ -76,7 +81,7 @@ __all__ = [
 ]
 
 #: Bumped whenever a change to the recipe changes the built files; cached zoos of older versions are rebuilt.
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 #: Folder name of the base model; experts are ``<BASE_NAME>_<task>``.
 BASE_NAME = "clip-vit-toy-p8"
 MANIFEST_FILE = "zoo.json"
@@ -94,6 +99,7 @@ class ToyZooPreset:
     finetune: FinetuneRecipe
     sizes: ModelSizes = field(default_factory=ModelSizes)
     tasks: tuple[str, ...] = tuple(TASKS)
+    domain_shift: float = 0.0
 
     def to_dict(self) -> dict:
         """Plain-dict form for the manifest."""
@@ -107,8 +113,11 @@ PRESETS: dict[str, ToyZooPreset] = {
         n_pretrain=1500,
         n_train=2000,
         n_test=400,
-        pretrain=PretrainRecipe(steps=200, batch_size=128, lr=2e-3, warmup=40),
-        finetune=FinetuneRecipe(steps=500, batch_size=64, lr=5e-3, other_lr_scale=0.01, warmup=20),
+        pretrain=PretrainRecipe(steps=1500, batch_size=128, lr=2e-3, warmup=100),
+        finetune=FinetuneRecipe(
+            steps=500, batch_size=64, lr=5e-3, other_lr_scale=0.01, warmup=20, preserve_weight=3.0
+        ),
+        domain_shift=1.0,
     ),
     "small": ToyZooPreset(
         name="small",
@@ -116,9 +125,19 @@ PRESETS: dict[str, ToyZooPreset] = {
         n_train=400,
         n_test=200,
         pretrain=PretrainRecipe(steps=200, batch_size=64, lr=2e-3, warmup=30),
-        finetune=FinetuneRecipe(steps=120, batch_size=32, lr=1e-2, other_lr_scale=0.01, warmup=10),
+        finetune=FinetuneRecipe(
+            steps=120,
+            batch_size=32,
+            lr=1e-2,
+            other_lr_scale=0.01,
+            warmup=10,
+            preserve_weight=3.0,
+            preserve_batch_size=32,
+            preserve_pool=100,
+        ),
         # Six tasks that a short fine-tuning learns (shapes and textures need the full budget).
         tasks=("digits", "gratings", "colors", "dots", "arrows", "scenes"),
+        domain_shift=1.0,
     ),
 }
 
@@ -216,6 +235,13 @@ def default_zoo_dir(preset: str = "full", seed: int = 0) -> Path:
     return base / "toy-zoo" / f"{RECIPE_VERSION}-{preset}-{seed}"
 
 
+def default_workers() -> int:
+    """Processes that fine-tune experts in parallel: one per CPU core, at most 4."""
+    return max(
+        1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    )
+
+
 def _check_replaceable(target: Path) -> None:
     """Refuse to delete anything but a toy zoo (a folder with ``zoo.json``) or an empty folder."""
     if target.is_dir() and ((target / MANIFEST_FILE).is_file() or not any(target.iterdir())):
@@ -293,12 +319,15 @@ def build_toy_zoo(
     seed: int = 0,
     progress: bool = True,
     overwrite: bool = False,
+    workers: int | None = None,
 ) -> ZooManifest:
     """Build a toy zoo into ``output_dir`` and return its manifest.
 
+    ``workers`` processes fine-tune the experts (default :func:`default_workers`); the files do not depend on it.
+
     The zoo is built in a temporary folder beside ``output_dir`` and renamed into place at the end, so an
-    interrupted build never leaves a half-written zoo behind. ``preset`` is ``"full"`` (about 3 minutes on
-    two CPU cores), ``"small"`` (well under a minute, for tests) or a :class:`ToyZooPreset`.
+    interrupted build never leaves a half-written zoo behind. ``preset`` is ``"full"`` (about 4 minutes on
+    two CPU cores), ``"small"`` (about a minute, for tests) or a :class:`ToyZooPreset`.
 
     Raises:
         WEMoEError: unknown preset, or ``output_dir`` exists and ``overwrite`` is false.
@@ -314,7 +343,7 @@ def build_toy_zoo(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp's private mode would otherwise stick to the finished zoo
     try:
-        manifest = _build_into(tmp, spec, seed, progress)
+        manifest = _build_into(tmp, spec, seed, progress, workers or default_workers())
         if target.exists():
             if not overwrite:
                 # Another process finished the same zoo first: keep theirs.
@@ -331,7 +360,77 @@ def build_toy_zoo(
     return manifest
 
 
-def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool) -> ZooManifest:
+@dataclass
+class _ExpertJob:
+    """Everything one expert's fine-tuning needs (picklable, for a worker process)."""
+
+    task: str
+    vision_config: object
+    base_state: dict
+    projection: torch.nn.Linear
+    head: torch.Tensor
+    train: TaskData
+    recipe: FinetuneRecipe
+    seed: int
+    logit_scale: float
+    preserve: PreserveData | None
+
+
+def _finetune_job(job: _ExpertJob) -> tuple[str, dict]:
+    """Fine-tune one expert from the base weights; returns ``(task, state_dict)``."""
+    from transformers import CLIPVisionModel
+
+    with deterministic_torch():
+        vision = CLIPVisionModel(job.vision_config)
+        vision.load_state_dict(job.base_state)
+        finetune_expert(
+            vision,
+            job.projection,
+            job.head,
+            job.train,
+            job.recipe,
+            job.seed,
+            progress=False,
+            logit_scale=job.logit_scale,
+            preserve=job.preserve,
+        )
+    return job.task, vision.state_dict()
+
+
+def _run_expert_jobs(jobs: list[_ExpertJob], workers: int) -> Iterator[tuple[str, dict]]:
+    """Run the jobs in ``workers`` processes (in this process when 1), yielding results in job order."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield _finetune_job(job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # On Linux, forked workers (each single-threaded, like a DataLoader's) start at once and need no
+    # `if __name__ == "__main__"` guard in the calling script; elsewhere fork is unsafe, so spawn.
+    global _FORKED_JOBS
+    fork = sys.platform == "linux"
+    context = multiprocessing.get_context("fork" if fork else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as executor:
+        if fork:
+            # Forked workers inherit the jobs: only their positions and the results cross process boundaries.
+            _FORKED_JOBS = jobs
+            try:
+                yield from executor.map(_finetune_forked_job, range(len(jobs)))
+            finally:
+                _FORKED_JOBS = []
+        else:
+            yield from executor.map(_finetune_job, jobs)
+
+
+_FORKED_JOBS: list[_ExpertJob] = []
+
+
+def _finetune_forked_job(position: int) -> tuple[str, dict]:
+    return _finetune_job(_FORKED_JOBS[position])
+
+
+def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool, workers: int) -> ZooManifest:
     from tqdm.auto import tqdm
 
     from .evaluate_world import evaluate_world
@@ -351,8 +450,8 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool) -> Zo
         train, pretrain = {}, {}
         for task in tqdm(tasks, desc="toy datasets", disable=not progress, leave=False):
             splits = {
-                "train": generate_split(task, "train", spec.n_train, seed),
-                "test": generate_split(task, "test", spec.n_test, seed),
+                "train": generate_split(task, "train", spec.n_train, seed, spec.domain_shift),
+                "test": generate_split(task, "test", spec.n_test, seed, spec.domain_shift),
             }
             _save_dataset(root / paths["datasets"][task], task, splits)
             train[task] = _task_data(*splits["train"])
@@ -363,14 +462,11 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool) -> Zo
         t0 = time.perf_counter()
         tokenizer = build_tokenizer(model_max_length=spec.sizes.max_text_length)
         torch.manual_seed(seed)
-        from transformers import CLIPModel
+        from transformers import CLIPModel, CLIPVisionModel
 
         model = CLIPModel(build_clip_config(tokenizer, spec.sizes))
-        pretrain_clip(model, tokenizer, pretrain, spec.pretrain, seed=seed, progress=progress)
-        # The saved base carries the logit scale the experts are fine-tuned with (OpenAI CLIP's 100), so the
-        # zero-shot heads built from it score images exactly as the experts were trained to be scored.
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(HEAD_SCALE))
+        with deterministic_torch(PRETRAIN_THREADS):
+            pretrain_clip(model, tokenizer, pretrain, spec.pretrain, seed=seed, progress=progress)
         base_dir = root / base_rel
         model.save_pretrained(base_dir)
         build_processor(tokenizer).save_pretrained(base_dir)
@@ -379,28 +475,51 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool) -> Zo
         image_processor.save_pretrained(base_dir)
         timings["pretrain"] = time.perf_counter() - t0
 
-        # 3. One expert per task; only the vision tower changes.
+        # 3. One expert per task; only the vision tower changes. Experts are independent and single-threaded,
+        # so they train in parallel worker processes with the same results as one after another.
         t0 = time.perf_counter()
-        projection = model.visual_projection
-        bar = tqdm(tasks, desc="fine-tune experts", disable=not progress, leave=False)
-        for index, task in enumerate(bar):
-            bar.set_postfix(task=task)
-            head = zero_shot_head(model, tokenizer, task)
-            vision = copy.deepcopy(model.vision_model)
-            expert_seed = seed * 1000 + 1 + index
-            finetune_expert(
-                vision,
-                projection,
-                head,
-                train[task],
-                spec.finetune,
-                expert_seed,
-                progress,
-                desc=f"expert {task}",
+        # Experts are fine-tuned at the base's own learned logit scale: the scale its zero-shot heads use, so
+        # the pretrained model and the experts are calibrated alike and their confidences can be compared.
+        logit_scale = float(model.logit_scale.detach().exp())
+        pool = spec.finetune.preserve_pool
+        states = {}
+        if spec.finetune.preserve_weight > 0:
+            states = {t: layer_states(model.vision_model, train[t].pixels[:pool]) for t in tasks}
+        jobs = []
+        for index, task in enumerate(tasks):
+            others = [t for t in tasks if t != task]
+            preserve = (
+                PreserveData(
+                    torch.cat([train[t].pixels[:pool] for t in others]),
+                    torch.cat([states[t] for t in others]),
+                )
+                if states
+                else None
             )
+            jobs.append(
+                _ExpertJob(
+                    task=task,
+                    vision_config=model.vision_model.config,
+                    base_state=model.vision_model.state_dict(),
+                    projection=model.visual_projection,
+                    head=zero_shot_head(model, tokenizer, task),
+                    train=train[task],
+                    recipe=spec.finetune,
+                    seed=seed * 1000 + 1 + index,
+                    logit_scale=logit_scale,
+                    preserve=preserve,
+                )
+            )
+        bar = tqdm(total=len(jobs), desc="fine-tune experts", disable=not progress, leave=False)
+        for task, state in _run_expert_jobs(jobs, workers):
+            vision = CLIPVisionModel(model.vision_model.config)
+            vision.load_state_dict(state)
             expert_dir = root / paths["experts"][task]
             vision.save_pretrained(expert_dir)
             image_processor.save_pretrained(expert_dir)
+            bar.set_postfix(done=task)
+            bar.update(1)
+        bar.close()
         timings["experts"] = time.perf_counter() - t0
 
     manifest = ZooManifest(
@@ -414,7 +533,11 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool) -> Zo
         paths=paths,
         num_examples={t: {"train": spec.n_train, "test": spec.n_test} for t in tasks},
         # Through JSON so that the in-memory manifest equals the one read back from zoo.json.
-        settings=json.loads(json.dumps({**spec.to_dict(), "build_threads": BUILD_THREADS})),
+        settings=json.loads(
+            json.dumps(
+                {**spec.to_dict(), "build_threads": BUILD_THREADS, "pretrain_threads": PRETRAIN_THREADS}
+            )
+        ),
         versions=_versions(),
         root=root,
     )
@@ -434,6 +557,7 @@ def get_toy_zoo(
     output_dir: str | os.PathLike | None = None,
     progress: bool = True,
     force: bool = False,
+    workers: int | None = None,
 ) -> ZooManifest:
     """The toy zoo at ``output_dir`` (default :func:`default_zoo_dir`), built first if needed.
 
@@ -453,7 +577,7 @@ def get_toy_zoo(
             seed,
         ):
             return manifest
-    return build_toy_zoo(target, spec, seed=seed, progress=progress, overwrite=True)
+    return build_toy_zoo(target, spec, seed=seed, progress=progress, overwrite=True, workers=workers)
 
 
 def custom_preset(base: str = "small", **changes) -> ToyZooPreset:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["IMAGE_SIZE", "TASKS", "ToyTask", "generate_split", "task_names"]
+__all__ = ["IMAGE_SIZE", "TASKS", "ToyTask", "apply_domain_shift", "generate_split", "task_names"]
 
 #: Side length of every toy image, in pixels.
 IMAGE_SIZE = 32
@@ -512,13 +512,45 @@ def task_names() -> list[str]:
 _SPLITS = {"train": 0, "test": 1, "pretrain": 2}
 
 
-def generate_split(task: str, split: str, n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
+def apply_domain_shift(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Move one image away from the pretraining distribution: a closer, noisier view of the same scene.
+
+    The centre ``1 / (1 + strength / 2)`` of the image is enlarged back to 32x32 (bilinear) and Gaussian noise
+    of standard deviation ``10 * strength`` is added. A task's train and test splits share the shift, the
+    captioned pretraining corpus does not: the base model's features still apply, but its zero-shot accuracy
+    drops, as for a web-pretrained CLIP on a specialised dataset. ``strength`` 0 leaves the image unchanged.
+    """
+    if strength <= 0:
+        return image
+    side = IMAGE_SIZE / (1.0 + 0.5 * strength)
+    offset = (IMAGE_SIZE - side) / 2
+    box = (offset, offset, offset + side, offset + side)
+    zoomed = Image.fromarray(image).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR, box=box)
+    arr = np.asarray(zoomed, dtype=np.float32)
+    arr = arr + rng.normal(0.0, 10.0 * strength, size=arr.shape).astype(np.float32)
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+def generate_split(
+    task: str, split: str, n: int, seed: int, domain_shift: float = 0.0
+) -> tuple[list[np.ndarray], list[int]]:
     """Generate ``n`` images (uint8 arrays of shape (32, 32, 3)) and labels for one split of one task.
 
     Labels are balanced (``i % num_classes`` in a seeded random order). The result depends only on
-    ``(task, split, n, seed)``; the train and test splits use independent random streams, and for ``digits``
-    the test split only uses handwritten samples never used in training.
+    ``(task, split, n, seed, domain_shift)``; the train and test splits use independent random streams, and for
+    ``digits`` the test split only uses handwritten samples never used in training. ``domain_shift`` applies
+    :func:`apply_domain_shift` to the train and test splits (never to ``pretrain``).
     """
+    images, labels = _generate(task, split, n, seed)
+    if split != "pretrain" and domain_shift > 0:
+        rng = np.random.default_rng(
+            np.random.SeedSequence([seed, list(TASKS).index(task), _SPLITS[split], 1])
+        )
+        images = [apply_domain_shift(image, rng, domain_shift) for image in images]
+    return images, labels
+
+
+def _generate(task: str, split: str, n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
     spec = TASKS[task]
     if split not in _SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(_SPLITS)}")

@@ -21,21 +21,24 @@ from .tasks import TASKS
 
 __all__ = [
     "BUILD_THREADS",
+    "PRETRAIN_THREADS",
     "FinetuneRecipe",
+    "PreserveData",
     "PretrainRecipe",
     "TaskData",
     "accuracy",
     "deterministic_torch",
     "finetune_expert",
     "is_mlp_key",
+    "layer_states",
     "pretrain_clip",
     "zero_shot_head",
 ]
 
 #: Intra-op threads used while building: CPU float reductions depend on the thread count, so it is fixed.
+#: Pretraining (one process) uses ``PRETRAIN_THREADS``; each expert fine-tuning worker uses ``BUILD_THREADS``.
 BUILD_THREADS = 1
-#: Fixed logit scale of the zero-shot classifiers (as for OpenAI CLIP: exp(logit_scale) = 100).
-HEAD_SCALE = 100.0
+PRETRAIN_THREADS = 2
 
 
 @dataclass
@@ -44,6 +47,14 @@ class TaskData:
 
     pixels: torch.Tensor
     labels: torch.Tensor
+
+
+@dataclass
+class PreserveData:
+    """Images of the other tasks (N, 3, 32, 32) and the base model's layer states of them (N, layers, T, D)."""
+
+    pixels: torch.Tensor
+    targets: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,12 @@ class FinetuneRecipe:
     with ``freeze_embeddings`` the patch, class and position embeddings and the pre-encoder layer norm stay
     at their pretrained values. The task knowledge thus lands in the MLPs. (Embeddings feed every token of
     every layer: even tiny per-expert changes to them add up badly in a merge.)
+
+    ``preserve_weight`` adds a feature-preservation term: the mean squared change, summed over layers, of the
+    token states of ``preserve_batch_size`` images of the *other* tasks (drawn from the first ``preserve_pool``
+    training images of each). It gives the toy experts the locality that task vectors of large pretrained
+    models show by themselves (an expert changes little on other tasks' inputs), without which a tiny model's
+    experts push each other's inputs to confident, constant predictions.
     """
 
     steps: int = 500
@@ -74,6 +91,9 @@ class FinetuneRecipe:
     freeze_embeddings: bool = True
     weight_decay: float = 0.0
     warmup: int = 20
+    preserve_weight: float = 0.0
+    preserve_batch_size: int = 64
+    preserve_pool: int = 500
 
 
 @contextlib.contextmanager
@@ -130,6 +150,20 @@ def zero_shot_head(model: CLIPModel, tokenizer: CLIPTokenizer, task: str) -> tor
 
 def _image_embeddings(vision: CLIPVisionModel, projection: nn.Linear, pixels: torch.Tensor) -> torch.Tensor:
     return F.normalize(projection(vision(pixel_values=pixels).pooler_output), dim=-1)
+
+
+def _layer_states(vision: CLIPVisionModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Every encoder layer's output token states, stacked: (N, layers, tokens, hidden)."""
+    return torch.stack(vision(pixel_values=pixels, output_hidden_states=True).hidden_states[1:], dim=1)
+
+
+@torch.no_grad()
+def layer_states(vision: CLIPVisionModel, pixels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The layer states of ``pixels`` under ``vision`` (the targets of the feature-preservation term)."""
+    vision.eval()
+    return torch.cat(
+        [_layer_states(vision, pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    )
 
 
 @torch.no_grad()
@@ -243,12 +277,16 @@ def finetune_expert(
     seed: int,
     progress: bool = True,
     desc: str = "fine-tune",
+    logit_scale: float = 100.0,
+    preserve: PreserveData | None = None,
 ) -> list[float]:
     """Fine-tune ``vision`` in place on one task with the frozen ``head`` and ``projection``; returns losses.
 
-    Logits are ``100 * normalize(projection(pooler_output)) @ head.T`` (the task-vectors recipe). MLP tensors
+    Logits are ``logit_scale * normalize(projection(pooler_output)) @ head.T`` (the task-vectors recipe, with
+    the base model's scale, as for CLIP's zero-shot classifier). MLP tensors
     train at ``recipe.lr``, attention and layer norms at ``recipe.lr * recipe.other_lr_scale`` (frozen at 0),
-    embeddings not at all when ``recipe.freeze_embeddings``.
+    embeddings not at all when ``recipe.freeze_embeddings``. With ``preserve``, the feature-preservation term
+    of ``recipe.preserve_weight`` is added (see :class:`FinetuneRecipe`).
     """
     projection.requires_grad_(False)
     mlp, other = [], []
@@ -280,8 +318,12 @@ def finetune_expert(
             order, cursor = torch.randperm(n, generator=gen), 0
         rows = order[cursor : cursor + recipe.batch_size]
         cursor += recipe.batch_size
-        logits = HEAD_SCALE * _image_embeddings(vision, projection, train.pixels[rows]) @ head.T
+        logits = logit_scale * _image_embeddings(vision, projection, train.pixels[rows]) @ head.T
         loss = F.cross_entropy(logits, train.labels[rows])
+        if preserve is not None and recipe.preserve_weight > 0:
+            picked = torch.randint(len(preserve.pixels), (recipe.preserve_batch_size,), generator=gen)
+            drift = _layer_states(vision, preserve.pixels[picked]) - preserve.targets[picked]
+            loss = loss + recipe.preserve_weight * drift.pow(2).mean(dim=(0, 2, 3)).sum()
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
