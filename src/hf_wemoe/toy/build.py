@@ -30,6 +30,7 @@ and safetensors files; torch runs with a fixed thread count during the build (se
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import CLIPVisionModel
 
 from ..errors import WEMoEError
 from .models import (
@@ -362,27 +364,33 @@ def build_toy_zoo(
 
 @dataclass
 class _ExpertJob:
-    """Everything one expert's fine-tuning needs (picklable, for a worker process)."""
+    """Everything one expert's fine-tuning needs (picklable, for a worker process).
+
+    ``base`` and ``preserve_pools`` are the same objects in every job: forked workers share them, and each job
+    takes the other tasks' pools only when it runs.
+    """
 
     task: str
-    vision_config: object
-    base_state: dict
+    base: CLIPVisionModel
     projection: torch.nn.Linear
     head: torch.Tensor
     train: TaskData
     recipe: FinetuneRecipe
     seed: int
     logit_scale: float
-    preserve: PreserveData | None
+    preserve_pools: dict[str, PreserveData]
 
 
 def _finetune_job(job: _ExpertJob) -> tuple[str, dict]:
     """Fine-tune one expert from the base weights; returns ``(task, state_dict)``."""
-    from transformers import CLIPVisionModel
-
+    others = [pool for task, pool in job.preserve_pools.items() if task != job.task]
+    preserve = (
+        PreserveData(torch.cat([p.pixels for p in others]), torch.cat([p.targets for p in others]))
+        if others
+        else None
+    )
     with deterministic_torch():
-        vision = CLIPVisionModel(job.vision_config)
-        vision.load_state_dict(job.base_state)
+        vision = copy.deepcopy(job.base)
         finetune_expert(
             vision,
             job.projection,
@@ -392,7 +400,7 @@ def _finetune_job(job: _ExpertJob) -> tuple[str, dict]:
             job.seed,
             progress=False,
             logit_scale=job.logit_scale,
-            preserve=job.preserve,
+            preserve=preserve,
         )
     return job.task, vision.state_dict()
 
@@ -462,7 +470,7 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool, worke
         t0 = time.perf_counter()
         tokenizer = build_tokenizer(model_max_length=spec.sizes.max_text_length)
         torch.manual_seed(seed)
-        from transformers import CLIPModel, CLIPVisionModel
+        from transformers import CLIPModel
 
         model = CLIPModel(build_clip_config(tokenizer, spec.sizes))
         with deterministic_torch(PRETRAIN_THREADS):
@@ -482,37 +490,31 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool, worke
         # the pretrained model and the experts are calibrated alike and their confidences can be compared.
         logit_scale = float(model.logit_scale.detach().exp())
         pool = spec.finetune.preserve_pool
-        states = {}
+        preserve_pools = {}
         if spec.finetune.preserve_weight > 0:
-            states = {t: layer_states(model.vision_model, train[t].pixels[:pool]) for t in tasks}
-        jobs = []
-        for index, task in enumerate(tasks):
-            others = [t for t in tasks if t != task]
-            preserve = (
-                PreserveData(
-                    torch.cat([train[t].pixels[:pool] for t in others]),
-                    torch.cat([states[t] for t in others]),
+            preserve_pools = {
+                t: PreserveData(
+                    train[t].pixels[:pool], layer_states(model.vision_model, train[t].pixels[:pool])
                 )
-                if states
-                else None
+                for t in tasks
+            }
+        jobs = [
+            _ExpertJob(
+                task=task,
+                base=model.vision_model,
+                projection=model.visual_projection,
+                head=zero_shot_head(model, tokenizer, task),
+                train=train[task],
+                recipe=spec.finetune,
+                seed=seed * 1000 + 1 + index,
+                logit_scale=logit_scale,
+                preserve_pools=preserve_pools,
             )
-            jobs.append(
-                _ExpertJob(
-                    task=task,
-                    vision_config=model.vision_model.config,
-                    base_state=model.vision_model.state_dict(),
-                    projection=model.visual_projection,
-                    head=zero_shot_head(model, tokenizer, task),
-                    train=train[task],
-                    recipe=spec.finetune,
-                    seed=seed * 1000 + 1 + index,
-                    logit_scale=logit_scale,
-                    preserve=preserve,
-                )
-            )
+            for index, task in enumerate(tasks)
+        ]
         bar = tqdm(total=len(jobs), desc="fine-tune experts", disable=not progress, leave=False)
         for task, state in _run_expert_jobs(jobs, workers):
-            vision = CLIPVisionModel(model.vision_model.config)
+            vision = copy.deepcopy(model.vision_model)
             vision.load_state_dict(state)
             expert_dir = root / paths["experts"][task]
             vision.save_pretrained(expert_dir)

@@ -123,6 +123,17 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _optimizer_step(loss: torch.Tensor, optim: torch.optim.Optimizer, sched, bar) -> float:
+    """One optimisation step on ``loss`` (and the schedule); shows and returns the loss."""
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    sched.step()
+    value = float(loss.detach())
+    bar.set_postfix(loss=f"{value:.3f}")
+    return value
+
+
 def _tokenize(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     return tokenizer(list(texts), padding=True, return_tensors="pt")
 
@@ -258,12 +269,7 @@ def pretrain_clip(
             torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
             + torch.sum(-targets * F.log_softmax(logits.T, dim=1), dim=1).mean()
         )
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses.append(_optimizer_step(loss, optim, sched, bar))
     model.eval()
     return losses
 
@@ -324,12 +330,7 @@ def finetune_expert(
             picked = torch.randint(len(preserve.pixels), (recipe.preserve_batch_size,), generator=gen)
             drift = _layer_states(vision, preserve.pixels[picked]) - preserve.targets[picked]
             loss = loss + recipe.preserve_weight * drift.pow(2).mean(dim=(0, 2, 3)).sum()
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses.append(_optimizer_step(loss, optim, sched, bar))
     vision.eval()
     vision.requires_grad_(True)
     return losses
