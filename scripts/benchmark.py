@@ -45,7 +45,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPMLP
 
 from hf_wemoe.merging.wemoe import wemoe_config
-from hf_wemoe.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
 
 SHAPES = {
     "B/32": dict(

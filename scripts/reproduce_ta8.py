@@ -19,7 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_wemoe.experiments import (
+from hf_wemoe.adaptation import TrainOptions
+from hf_wemoe.workflows.experiment import (
     ExperimentOptions,
     Suite,
     SuiteTask,
@@ -27,7 +28,6 @@ from hf_wemoe.experiments import (
     run_experiment,
     write_results,
 )
-from hf_wemoe.training import TrainOptions
 
 # Task name (also its built-in template set) -> dataset reference (REPO[@REV][:CONFIG][#SPLIT]).
 TA8_DATASETS = {

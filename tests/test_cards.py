@@ -11,8 +11,8 @@ import yaml
 from huggingface_hub import ModelCard
 
 from hf_wemoe import build_wemoe
-from hf_wemoe.cards import model_card, render_card, validate_card
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.hub.cards import model_card, render_card, validate_card
 from hub_server import _validate_card_metadata
 from test_full_clip import make_clip_world, merge
 from tiny_models import make_base_and_experts

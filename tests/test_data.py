@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from hf_wemoe import data as data_module
-from hf_wemoe.data import (
+from hf_wemoe.zeroshot import data as data_module
+from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.zeroshot.data import (
     DATASET_REF_HELP,
     DatasetRef,
     ImageClassificationDataset,
@@ -22,7 +23,6 @@ from hf_wemoe.data import (
     make_dataloader,
     parse_dataset_ref,
 )
-from hf_wemoe.errors import SourceError, WEMoEError
 
 CLASSES = ["cat", "dog"]
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -434,7 +434,7 @@ def test_hub_dataset_through_a_local_hub(tmp_path):
         import io, json
         import datasets, numpy as np
         from PIL import Image
-        from hf_wemoe.data import load_task_dataset
+        from hf_wemoe.zeroshot.data import load_task_dataset
         from hf_wemoe.errors import WEMoEError
 
         def png(i):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hf_wemoe.cli import main
+from hf_wemoe.cli.main import main
 
 
 def test_demo_runs_every_stage_and_writes_results(toy_zoo_small, tmp_path, capsys):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hf_wemoe.modeling_wemoe as modeling
+import hf_wemoe.models.modeling_wemoe as modeling
 from hf_wemoe import build_wemoe
-from hf_wemoe.modeling_wemoe import _MergeBlocks, _MergedWeight, _PerSampleLinear
+from hf_wemoe.models.modeling_wemoe import _MergeBlocks, _MergedWeight, _PerSampleLinear
 from test_modeling import reference_forward
 from tiny_models import make_base_and_experts, randomize_routers
 

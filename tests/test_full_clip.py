@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPVisionModel, pipeline
 
 from hf_wemoe import WEMoECLIPModel, WEMoECLIPVisionModel
-from hf_wemoe.cli import main
+from hf_wemoe.cli.main import main
 from tiny_clip import make_tiny_clip
 
 EXPERTS = ("blocks", "stripes")

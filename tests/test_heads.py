@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPModel
 
-from hf_wemoe import heads as heads_module
+from hf_wemoe.zeroshot import heads as heads_module
 from hf_wemoe.errors import SourceError, WEMoEError
-from hf_wemoe.heads import (
+from hf_wemoe.zeroshot.heads import (
     ZeroShotHead,
     build_zeroshot_head,
     heads_cache_dir,
@@ -275,7 +275,7 @@ def test_hub_model_through_a_local_hub(clip_dir, tmp_path):
         import json
         import huggingface_hub
         from huggingface_hub import HfApi
-        from hf_wemoe import heads
+        from hf_wemoe.zeroshot import heads
 
         api = HfApi()
         api.create_repo("testorg/clip")

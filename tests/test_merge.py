@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionModel
 
 from hf_wemoe import WEMoECLIPVisionModel, build_wemoe
-from hf_wemoe.cli import main
-from hf_wemoe.merging.io import count_parameters
-from hf_wemoe.merging.options import MergeOptions
+from hf_wemoe.cli.main import main
+from hf_wemoe.io.weights import count_parameters
+from hf_wemoe.merging.recipe import MergeOptions
 from hf_wemoe.merging.registry import merge_methods
-from hf_wemoe.merging.run import run_merge
+from hf_wemoe.workflows.merge import run_merge
 from test_sources import write_checkpoint
 from tiny_models import make_base_and_experts
 
@@ -559,7 +559,7 @@ def test_bad_config_files(zoo, tmp_path, capsys):
 
 
 def test_an_interrupted_merge_leaves_nothing_behind(zoo, tmp_path, monkeypatch, capsys):
-    from hf_wemoe.merging import upscale
+    from hf_wemoe.merging import wemoe as upscale
 
     def interrupted(self, job, folder):
         (folder / "model.safetensors").write_bytes(b"partial")

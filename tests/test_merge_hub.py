@@ -155,7 +155,7 @@ def test_more_hub_cases_in_one_client(hub, tmp_path):
     first = tmp_path / "first"
     code = f"""
         import contextlib, io, json
-        from hf_wemoe.cli import main
+        from hf_wemoe.cli.main import main
 
         def merge(*args):
             err = io.StringIO()

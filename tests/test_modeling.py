@@ -20,7 +20,7 @@ from hf_wemoe import (
     build_wemoe,
 )
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
-from hf_wemoe.modeling_wemoe import num_kept_entries
+from hf_wemoe.models.modeling_wemoe import num_kept_entries
 from tiny_models import make_base_and_experts, randomize_routers
 
 MLP_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")

@@ -23,9 +23,9 @@ from transformers import AutoTokenizer, pipeline
 
 from adaptation_fixtures import make_adaptation_world
 from hf_wemoe import WEMoECLIPModel, WEMoECLIPVisionModel
-from hf_wemoe.cli import main
+from hf_wemoe.cli.main import main
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.push import push_folder
+from hf_wemoe.hub.push import push_folder
 from hub_server import RESULT_MARKER, HubServer, client_env, client_result, run_client
 from test_cards import adapt
 from test_full_clip import make_clip_world, merge, test_image
@@ -411,7 +411,7 @@ def test_merge_push_to_hub(world, hub_server, tmp_path, capsys):
 
 def test_train_push_to_hub(hub_server, tmp_path):
     adaptation = make_adaptation_world(tmp_path / "world")
-    from hf_wemoe.adaptation import TrainConfig, run_train
+    from hf_wemoe.workflows.train_eval import TrainConfig, run_train
 
     config = TrainConfig(
         model=str(adaptation["wemoe"]),

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
 from hf_wemoe.errors import SourceError
-from hf_wemoe.sources import open_source, parse_reference
+from hf_wemoe.io.sources import open_source, parse_reference
 from tiny_models import make_base_and_experts
 
 LAYOUTS = ("v5", "v4", "clip", "sharded")

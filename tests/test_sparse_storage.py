@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from hf_wemoe import WEMoECLIPVisionConfig, WEMoECLIPVisionModel, build_wemoe
-from hf_wemoe.merging.io import count_parameters
-from hf_wemoe.modeling_wemoe import (
+from hf_wemoe.io.weights import count_parameters
+from hf_wemoe.models.modeling_wemoe import (
     WEMoETaskVectors,
     decode_sparse_indices,
     encode_sparse_indices,

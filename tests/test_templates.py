@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from hf_wemoe import templates
+from hf_wemoe.zeroshot import templates
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.templates import (
+from hf_wemoe.zeroshot.templates import (
     fill_template,
     get_templates,
     known_template_sets,

@@ -18,7 +18,7 @@ import torch
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.toy import TASKS, ZooManifest, build_toy_zoo, custom_preset, default_zoo_dir, get_toy_zoo
 from hf_wemoe.toy import build as build_module
-from hf_wemoe.toy.build import RECIPE_VERSION
+from hf_wemoe.toy.manifest import RECIPE_VERSION
 from hf_wemoe.toy.models import build_tokenizer, caption_words, to_pixel_values
 from hf_wemoe.toy.tasks import _digits_split_indices, generate_split
 from hf_wemoe.toy.training import FinetuneRecipe, PretrainRecipe, is_mlp_key
@@ -192,7 +192,7 @@ def test_world_shows_interference_and_routing_bound(toy_zoo_small: ZooManifest):
 
 
 def test_cli_reuses_an_existing_zoo(toy_zoo_small: ZooManifest, capsys, monkeypatch):
-    from hf_wemoe.cli import main
+    from hf_wemoe.cli.main import main
 
     def no_build(*args, **kwargs):
         raise AssertionError("the zoo was rebuilt")

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from adaptation_fixtures import make_adaptation_world
-from hf_wemoe.cli import main
-from hf_wemoe.training import stream_indices
+from hf_wemoe.adaptation import stream_indices
+from hf_wemoe.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,8 @@ def test_train_adapts_only_routers_and_writes_outputs(world, tmp_path, capsys):
 
 
 def test_entropy_decreases(world):
-    from hf_wemoe.adaptation import TrainConfig, _load
-    from hf_wemoe.training import TrainOptions, adapt_routers
+    from hf_wemoe.adaptation import TrainOptions, adapt_routers
+    from hf_wemoe.workflows.train_eval import TrainConfig, _load
 
     config = TrainConfig(
         model=str(world["wemoe"]),
@@ -181,9 +181,9 @@ def test_eval_matches_a_direct_computation(world, tmp_path):
     """Accuracy from the CLI equals argmax of the zero-shot logits computed by hand."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPVisionModel
 
-    from hf_wemoe.data import ImageClassificationDataset, load_task_dataset
-    from hf_wemoe.heads import build_zeroshot_head
-    from hf_wemoe.templates import get_templates
+    from hf_wemoe.zeroshot.data import ImageClassificationDataset, load_task_dataset
+    from hf_wemoe.zeroshot.heads import build_zeroshot_head
+    from hf_wemoe.zeroshot.templates import get_templates
 
     out_json = tmp_path / "direct.json"
     clip_flag = ("--clip-model", str(world["clip"]))

@@ -1,279 +1,274 @@
-"""The `hf-wemoe train` and `hf-wemoe eval` workflows: load, adapt, evaluate, write outputs."""
+"""Router adaptation: train only the WEMoE routers, by entropy minimisation on unlabelled data (or supervised).
+
+One step takes one batch from every task (tasks are all sampled every step) and sums the per-task losses. An
+`accelerate.Accelerator` drives devices, mixed precision, gradient accumulation, trackers and checkpointing.
+
+Data order is a pure function of (seed, task, position): each task's samples form an endless stream of seeded
+permutations, and the global batch of micro-step m is positions [m*B, (m+1)*B) of that stream. A checkpoint
+therefore only needs the micro-step counter to continue exactly, and with several processes each rank takes
+every world_size-th sample of the global batch, so the update equals a one-process run with the same global
+batch (router gradients are averaged across processes).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
-from .cards import write_card
-from .classification import (
-    ZeroShotClassifier,
-    default_clip_ref,
-    load_image_processor,
-    load_vision_model,
-    load_visual_projection,
-    prepare_tasks,
-)
-from .errors import WEMoEError
-from .evaluation import EvalResult, evaluate_tasks, markdown_table, write_results
-from .modeling_wemoe import WEMoECLIPVisionModel
-from .outputs import atomic_output_dir, check_output_dir
-from .plots import plot_routing
-from .training import TrainOptions, adapt_routers
-
-logger = logging.getLogger(__name__)
+from hf_wemoe.errors import WEMoEError
+from hf_wemoe.zeroshot.classifier import ClassificationTask, ZeroShotClassifier
+from hf_wemoe.zeroshot.data import collate_images
 
 
-class TaskOptions(BaseModel):
-    """What both train and eval need: the model, the tasks and how to build their zero-shot heads."""
+class TrainOptions(BaseModel):
+    """Router-adaptation hyperparameters, shared by the `hf-wemoe train` flags and its YAML config file."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="model: a local folder or a Hub id[@revision]")
-    task: dict[str, str] = Field(default_factory=dict, description="a task as NAME=DATASET (repeatable)")
-    clip_model: str | None = Field(
-        None, description="CLIP model whose text tower gives the zero-shot heads (default: the recorded base)"
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    batch_size_per_task: int = Field(16, ge=1, description="global batch size per task and step")
+    scheduler: Literal["constant", "cosine"] = Field("constant", description="learning-rate schedule")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast precision")
+    seed: int = Field(0, description="seed of the data order")
+    objective: Literal["entropy", "supervised"] = Field(
+        "entropy",
+        description="loss: entropy of the predictions (unlabelled), or cross-entropy with the labels",
     )
-    templates: list[str] = Field(
-        default_factory=list,
-        description="prompt templates: a set name or a file, for all tasks or as TASK=...",
-    )
-    classnames: list[str] = Field(
-        default_factory=list,
-        description="class-names file, for all tasks or as TASK=FILE (default: ClassLabel)",
-    )
-    image_column: str | None = Field(None, description="image column (default: detected)")
-    label_column: str | None = Field(None, description="label column (default: detected)")
-    eval_batch_size: int = Field(128, ge=1, description="batch size for evaluation")
-    device: str | None = Field(None, description="device for evaluation (default: cuda when available)")
-
-
-class EvalConfig(TaskOptions):
-    """`hf-wemoe eval` options."""
-
     routing: Literal["sample", "batch"] | None = Field(
-        None, description="routing mode (default: the model's)"
+        None, description="routing mode while training and evaluating (default: the model's)"
     )
-    output_json: str = Field("eval_results.json", description="where to write the results as JSON")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
+    log_every: int = Field(10, ge=1, description="log the loss to trackers every N steps")
 
 
-class TrainConfig(TaskOptions, TrainOptions):
-    """`hf-wemoe train` options (the same fields in a YAML file given with --config)."""
-
-    output: str | None = Field(None, description="folder for the adapted model")
-    overwrite: bool = Field(False, description="replace an existing output folder")
-    evaluate: bool = Field(True, description="evaluate the adapted model on the tasks' labelled data")
-    checkpoint_dir: str | None = Field(None, description="checkpoint folder (default: OUTPUT-checkpoints)")
-    resume_from: str | None = Field(
-        None, description="continue from a checkpoint folder written by --save-every"
-    )
-    report_to: list[str] = Field(
-        default_factory=list, description="accelerate trackers to log to (repeatable)"
-    )
-    evaluate_baseline: bool = Field(
-        True,
-        description="also evaluate the model as it was before adaptation, on the same data with the same heads, "
-        "as a baseline in eval_results.json and the model card",
-    )
-    push_to_hub: str | None = Field(
-        None, description="push the adapted model folder to this Hub repo (ORG/NAME) with its model card"
-    )
-    private: bool = Field(False, description="create the --push-to-hub repo as private")
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of softmax(logits) over the batch (computed in float32)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
 
 
-def _require(value, flag: str):
-    if not value:
-        raise WEMoEError(f"{flag} is required")
-    return value
+def stream_indices(num_samples: int, seed: int, task_index: int, start: int, count: int) -> list[int]:
+    """Positions `start .. start+count-1` of a task's endless stream of seeded permutations of its samples."""
+    out: list[int] = []
+    position = start
+    while len(out) < count:
+        epoch, offset = divmod(position, num_samples)
+        generator = torch.Generator().manual_seed(_stream_seed(seed, task_index, epoch))
+        permutation = torch.randperm(num_samples, generator=generator)
+        take = min(count - len(out), num_samples - offset)
+        out.extend(permutation[offset : offset + take].tolist())
+        position += take
+    return out
 
 
-def _load(config: TaskOptions, require_labels: bool):
-    model_ref = _require(config.model, "--model")
-    tasks_spec = _require(config.task, "--task NAME=DATASET")
-    vision, projection = load_vision_model(model_ref)
-    clip_ref = default_clip_ref(vision, model_ref, config.clip_model)
-    if projection is None:
-        projection = load_visual_projection(clip_ref)
-    processor = load_image_processor(model_ref, clip_ref)
-    tasks = prepare_tasks(
-        tasks_spec,
-        clip_ref,
-        processor,
-        templates=config.templates,
-        classnames=config.classnames,
-        image_column=config.image_column,
-        label_column=config.label_column,
-        require_labels=require_labels,
-    )
-    for task in tasks:
-        labels = task.data.classnames
-        if labels is not None and len(labels) != task.head.num_classes:
-            raise WEMoEError(
-                f"task {task.name!r}: the head has {task.head.num_classes} classes, the dataset {len(labels)}"
-            )
-    return ZeroShotClassifier(vision, projection), tasks, processor
+def _stream_seed(seed: int, task_index: int, epoch: int) -> int:
+    return (seed * 1_000_003 + task_index * 10_007 + epoch) % (2**63 - 1)
 
 
-def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
-    """Evaluate a WEMoE or plain CLIP vision model; prints nothing, returns the result and writes the JSON."""
-    classifier, tasks, _ = _load(config, require_labels=True)
-    if config.routing and isinstance(classifier.vision_model, WEMoECLIPVisionModel):
-        classifier.vision_model.config.routing = config.routing
-    device = config.device or _default_device()
-    classifier.to(device)
-    result = evaluate_tasks(classifier, tasks, config.eval_batch_size, device, progress=progress)
-    payload = {
-        "model": config.model,
-        "routing": _routing(classifier),
-        **result.to_dict(),
-        "datasets": {task.name: config.task[task.name] for task in tasks},
-    }
-    write_results(config.output_json, payload)
-    return result
+class _RouterState:
+    """Router weights as a checkpointable object (`state_dict`/`load_state_dict`), so checkpoints stay small."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.parameters = dict((name, p) for name, p in model.named_parameters() if ".router." in f".{name}")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().cpu().clone() for name, p in self.parameters.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in self.parameters.items():
+                p.copy_(state[name])
 
 
-def run_train(config: TrainConfig, progress: bool = True) -> dict:
-    """Adapt the routers of a WEMoE model and write the adapted model folder (atomically).
+class _ProgressState:
+    """The step counters: all a checkpoint needs to continue the data order exactly."""
 
-    The folder gets the model, its image processor, eval_results.json (accuracy per task, and the model before
-    adaptation as a baseline), routing.png and a model card; with `push_to_hub` it is then pushed to the Hub
-    (`summary["push"]` holds the `PushResult`).
+    def __init__(self) -> None:
+        self.step = 0
+        self.micro_step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "micro_step": self.micro_step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+
+
+def adapt_routers(
+    classifier: ZeroShotClassifier,
+    tasks: Sequence[ClassificationTask],
+    options: TrainOptions,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    report_to: str | Sequence[str] | None = None,
+    run_config: dict | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Train the routers of `classifier.vision_model` in place; returns a summary (steps, final loss, time).
+
+    Raises `WEMoEError` for a model without routers, unlabelled data with the supervised objective, or a
+    non-finite loss.
     """
-    output = check_output_dir(_require(config.output, "--output"), config.overwrite)
-    if config.push_to_hub:
-        from .push import check_repo_id, check_token
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
 
-        check_repo_id(config.push_to_hub)
-        check_token()
-    classifier, tasks, processor = _load(config, require_labels=config.objective == "supervised")
     if not classifier.is_wemoe:
         raise WEMoEError(
-            f"{config.model} is a static CLIP vision model with no routers to adapt; merge it with "
-            "`hf-wemoe merge --method wemoe` (or e-wemoe) first"
+            "the model has no routers to adapt (a static CLIP vision model); build a WEMoE model with "
+            "`hf-wemoe merge --method wemoe` first"
         )
-    labelled = [t for t in tasks if t.data.label_column is not None]
-    evaluate = config.evaluate and bool(labelled)
-    # The routers before adaptation (small): the baseline is evaluated with them after training.
-    initial_routers = (
-        _router_state(classifier.vision_model) if evaluate and config.evaluate_baseline else None
-    )
-    checkpoint_dir = config.checkpoint_dir or f"{output}-checkpoints"
-    summary = adapt_routers(
-        classifier,
-        tasks,
-        TrainOptions(**{k: getattr(config, k) for k in TrainOptions.model_fields}),
-        checkpoint_dir=checkpoint_dir,
-        resume_from=config.resume_from,
-        report_to=config.report_to or None,
-        run_config=config.model_dump(),
-        progress=progress,
-    )
-    if not summary["is_main_process"]:
-        return summary
-    vision: WEMoECLIPVisionModel = classifier.vision_model
-    result = baseline = None
-    if evaluate:
-        result = evaluate_tasks(classifier, labelled, config.eval_batch_size, progress=progress)
-    if initial_routers is not None:
-        with _routers_swapped(vision, initial_routers):
-            baseline = evaluate_tasks(classifier, labelled, config.eval_batch_size, progress=progress)
-    with atomic_output_dir(output, overwrite=config.overwrite) as staging:
-        vision.config.provenance = {
-            **(vision.config.provenance or {}),
-            "adaptation": {
-                "tasks": dict(config.task),
-                "options": TrainOptions(
-                    **{k: getattr(config, k) for k in TrainOptions.model_fields}
-                ).model_dump(),
-                "steps": summary["steps"],
-                "final_loss": summary["final_loss"],
-            },
-        }
-        vision.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        if result is not None:
-            payload = {
-                "model": str(output),
-                "routing": _routing(classifier),
-                **result.to_dict(),
-                "datasets": {task.name: config.task[task.name] for task in labelled},
-            }
-            if baseline is not None:
-                payload["baselines"] = [{"name": "before adaptation", **baseline.to_dict()}]
-            write_results(staging / "eval_results.json", payload)
-            plot_routing(
-                result.routing,
-                list(vision.config.expert_names),
-                staging / "routing.png",
-                layers=vision.config.moe_layer_indices,
-            )
-        try:
-            write_card(staging, model_id=output.name)
-        except WEMoEError as err:  # the adapted model matters more than its card
-            logger.warning("no model card written for %s: %s", output, err)
-    summary["output"] = str(output)
-    summary["result"] = result
-    summary["baseline"] = baseline
-    summary["push"] = None
-    if config.push_to_hub:
-        from .push import push_folder
-
-        try:
-            summary["push"] = push_folder(
-                output, config.push_to_hub, private=config.private, show_progress=None if progress else False
-            )
-        except WEMoEError as err:
+    if options.objective == "supervised":
+        unlabelled = [t.name for t in tasks if t.dataset.label_column is None]
+        if unlabelled:
             raise WEMoEError(
-                f"saved the adapted model to {output}, but the push failed: {err} (retry with: hf-wemoe push "
-                f"{output} --repo-id {config.push_to_hub})"
-            ) from err
-    return summary
+                f"--objective supervised needs labels; task(s) {unlabelled} have no label column"
+            )
 
+    accelerator = Accelerator(
+        mixed_precision=options.mixed_precision,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        log_with=report_to or None,
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if options.batch_size_per_task % world:
+        raise WEMoEError(
+            f"--batch-size-per-task {options.batch_size_per_task} must be divisible by the number of processes "
+            f"({world}): each process takes an equal share of every global batch"
+        )
+    set_seed(options.seed)
+    vision = classifier.vision_model
+    if options.routing is not None:
+        vision.config.routing = options.routing
+    classifier.to(accelerator.device)
+    heads = {task.name: task.head.to(accelerator.device) for task in tasks}
+    routers = vision.router_parameters()
+    optimizer = torch.optim.Adam(routers, lr=options.lr)
+    scheduler = _make_scheduler(optimizer, options)
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    router_state, progress_state = _RouterState(vision), _ProgressState()
+    accelerator.register_for_checkpointing(scheduler, router_state, progress_state)
+    if resume_from is not None:
+        if not Path(resume_from, "custom_checkpoint_0.pkl").is_file():
+            raise WEMoEError(f"{resume_from} is not a training checkpoint (written by --save-every)")
+        accelerator.load_state(str(resume_from))
+    if report_to:
+        accelerator.init_trackers("hf-wemoe", config=run_config or options.model_dump())
 
-def _router_state(model: WEMoECLIPVisionModel) -> dict:
-    """A copy of the router parameters (what adaptation changes)."""
+    local_batch = options.batch_size_per_task // world
+    start_time, images, last_loss = time.perf_counter(), 0, float("nan")
+    bar = tqdm(
+        total=options.steps,
+        initial=progress_state.step,
+        desc="adapting routers",
+        disable=not (progress and accelerator.is_local_main_process),
+    )
+    classifier.train()
+    while progress_state.step < options.steps:
+        with accelerator.accumulate(classifier):
+            batches = [
+                collate_images([task.dataset[i] for i in indices])
+                for task, indices in zip(
+                    tasks, _step_indices(tasks, options, progress_state.micro_step, rank, world)
+                )
+            ]
+            with accelerator.autocast():
+                embeds = _embed_batches(
+                    classifier, [b["pixel_values"].to(accelerator.device) for b in batches]
+                )
+            loss = 0.0
+            for task, batch, task_embeds in zip(tasks, batches, embeds):
+                logits = heads[task.name](task_embeds.float())
+                if options.objective == "entropy":
+                    loss = loss + entropy_loss(logits)
+                else:
+                    loss = loss + torch.nn.functional.cross_entropy(
+                        logits, batch["labels"].to(accelerator.device)
+                    )
+                images += local_batch * world
+            if not torch.isfinite(loss):
+                raise WEMoEError(
+                    f"the loss became {loss.item()} at step {progress_state.step + 1}; lower --lr or use "
+                    "--mixed-precision no"
+                )
+            accelerator.backward(loss)
+            progress_state.micro_step += 1
+            if accelerator.sync_gradients:
+                _average_gradients(routers, accelerator)
+            optimizer.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        progress_state.step += 1
+        # The loss of the whole global batch, for reporting (each process computed its share).
+        last_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        if on_step is not None:
+            on_step(progress_state.step, last_loss)
+        rate = images / max(time.perf_counter() - start_time, 1e-9)
+        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
+        bar.update(1)
+        if report_to and progress_state.step % options.log_every == 0:
+            accelerator.log({"loss": last_loss, "lr": scheduler.get_last_lr()[0]}, step=progress_state.step)
+        if checkpoint_dir and options.save_every and progress_state.step % options.save_every == 0:
+            accelerator.save_state(str(Path(checkpoint_dir) / f"step-{progress_state.step}"))
+    bar.close()
+    classifier.eval()
+    if report_to:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
     return {
-        name: parameter.detach().clone()
-        for name, parameter in model.named_parameters()
-        if ".router." in f".{name}"
+        "steps": progress_state.step,
+        "final_loss": last_loss,
+        "seconds": round(time.perf_counter() - start_time, 2),
+        "processes": world,
+        "is_main_process": accelerator.is_main_process,
     }
 
 
-@contextlib.contextmanager
-def _routers_swapped(model: WEMoECLIPVisionModel, routers: dict) -> Iterator[None]:
-    """Run with other router parameters in place, then put the current ones back."""
-    import torch
-
-    parameters = dict(model.named_parameters())
-    current = {name: parameters[name].detach().clone() for name in routers}
-    with torch.no_grad():
-        for name, value in routers.items():
-            parameters[name].copy_(value)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, value in current.items():
-                parameters[name].copy_(value)
+def _step_indices(
+    tasks: Sequence[ClassificationTask], options: TrainOptions, micro_step: int, rank: int, world: int
+) -> list[list[int]]:
+    """This process's share of every task's global batch for one micro-step."""
+    size = options.batch_size_per_task
+    return [
+        stream_indices(len(task.dataset), options.seed, index, micro_step * size, size)[rank::world]
+        for index, task in enumerate(tasks)
+    ]
 
 
-def format_results(result: EvalResult, name: str) -> str:
-    """The markdown accuracy table of one model."""
-    return markdown_table([(name, result.accuracy)], list(result.accuracy))
+def _embed_batches(classifier: ZeroShotClassifier, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Image embeddings of every task's batch. With per-sample routing every image is routed on its own, so
+    all tasks go through the model as one batch (same result, one pass); batch routing averages the routing
+    weights over a batch, so each task keeps its own pass."""
+    if classifier.vision_model.config.routing == "sample":
+        return list(classifier.embed(torch.cat(batches)).split([len(b) for b in batches]))
+    return [classifier.embed(batch) for batch in batches]
 
 
-def _routing(classifier: ZeroShotClassifier) -> str | None:
-    return classifier.vision_model.config.routing if classifier.is_wemoe else None
+def _average_gradients(parameters: Sequence[torch.nn.Parameter], accelerator) -> None:
+    """Average router gradients over processes (the model is not wrapped in DDP: only routers have gradients,
+    and DDP would broadcast the large frozen task-vector buffers)."""
+    if accelerator.num_processes == 1:
+        return
+    for parameter in parameters:
+        if parameter.grad is not None:
+            parameter.grad.copy_(accelerator.reduce(parameter.grad, reduction="mean"))
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-__all__ = ["EvalConfig", "TrainConfig", "format_results", "run_eval", "run_train"]
+def _make_scheduler(optimizer: torch.optim.Optimizer, options: TrainOptions):
+    if options.scheduler == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    total = options.steps
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )

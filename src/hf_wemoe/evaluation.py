@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .classification import ClassificationTask, ZeroShotClassifier
-from .data import make_dataloader
-from .metrics import load_accuracy
+from hf_wemoe.metrics import load_accuracy
+from hf_wemoe.zeroshot.classifier import ClassificationTask, ZeroShotClassifier
+from hf_wemoe.zeroshot.data import make_dataloader
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Merge recipes over a shared tensor source: WEMoE/E-WEMoE upscaling and static baselines."""
+"""Merge methods, one module per family (static: task arithmetic, averaging, TIES; WEMoE / E-WEMoE), their base
+class, the registry and the typed merge recipe."""
 
-from .wemoe import build_wemoe, is_mlp_tensor, upscale_tensors, wemoe_config
+from hf_wemoe.merging.wemoe import build_wemoe, is_mlp_tensor, upscale_tensors, wemoe_config
 
 __all__ = ["build_wemoe", "is_mlp_tensor", "upscale_tensors", "wemoe_config"]

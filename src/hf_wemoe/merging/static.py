@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import torch
 
-from .io import ShardedSafetensorsWriter
-from .options import parse_size
-from .registry import MergeJob, MergeMethod, register
+from hf_wemoe.io.weights import ShardedSafetensorsWriter
+from hf_wemoe.merging.base import MergeJob, MergeMethod
+from hf_wemoe.utils.formatting import parse_size
 
 
 class StaticMergeMethod(MergeMethod):
@@ -52,7 +52,6 @@ def task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tenso
     return torch.stack([expert.float() - base for expert in experts])
 
 
-@register
 class TaskArithmetic(StaticMergeMethod):
     """theta0 + lambda * sum_k tau_k."""
 
@@ -69,7 +68,6 @@ class TaskArithmetic(StaticMergeMethod):
         return base + self.options.scaling * total
 
 
-@register
 class Average(StaticMergeMethod):
     """The mean of the experts' weights."""
 
@@ -85,7 +83,6 @@ class Average(StaticMergeMethod):
         return total / len(experts)
 
 
-@register
 class Ties(StaticMergeMethod):
     """TIES merging: trim, elect sign, disjoint mean, scale.
 

@@ -1,4 +1,4 @@
-"""WEMoE / E-WEMoE upscaling: task arithmetic for every tensor outside the MLPs, weight-ensembling MoE MLPs.
+"""The WEMoE and E-WEMoE merge methods: task arithmetic outside the MLPs, weight-ensembling MoE MLPs.
 
 The core, `upscale_tensors`, reads one tensor of each model at a time from any mapping-like source, so the same
 code serves the in-memory `build_wemoe` and the streaming `hf-wemoe merge`.
@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from ..configuration_wemoe import WEMoECLIPVisionConfig
-from ..errors import IncompatibleModelsError, WEMoEError
-from ..modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
+from hf_wemoe.merging.base import MergeJob, MergeMethod
+from hf_wemoe.models.configuration_wemoe import WEMoECLIPVisionConfig
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.utils.formatting import parse_size
 
 # A tensor getter: the CLIPVisionModel key (transformers 5 layout, no `vision_model.` prefix) -> tensor.
 TensorGetter = Callable[[str], torch.Tensor]
@@ -135,3 +139,51 @@ def build_wemoe(
     for key, tensor in upscale_tensors(config, list(base_state), base_state.__getitem__, getters):
         load_upscaled_tensor(model, key, tensor)
     return model.to(base.dtype).eval()
+
+
+class WEMoE(MergeMethod):
+    """Task arithmetic outside the MLPs; every MLP a weight-ensembling mixture of the experts, with a router."""
+
+    name = "wemoe"
+    summary = "weight-ensembling mixture of experts: routed MLPs, task arithmetic elsewhere"
+    parameters = ("scaling", "router_depth", "sparsity", "shared_router", "routing", "dtype", "seed")
+    defaults: ClassVar[dict] = {"sparsity": 0.0, "shared_router": False}
+    card_template = "wemoe.md"
+    tags = ("wemoe", "mixture-of-experts")
+
+    def write(self, job: MergeJob, folder: Path) -> None:
+        options = self.options
+        config = wemoe_config(
+            job.base.config,
+            list(job.experts),
+            init_lambda=options.scaling,
+            router_depth=options.router_depth,
+            shared_router=options.shared_router,
+            task_vector_sparsity=options.sparsity,
+            task_vector_dtype=options.dtype,
+            routing=options.routing,
+            base_model_ref=job.base.reference.text,
+            expert_refs=[source.reference.text for source in job.experts.values()],
+            provenance=job.provenance,
+        )
+        # The routers are the only random part: a fixed seed makes a recipe rebuild identical weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(options.seed)
+            model = WEMoECLIPVisionModel(config)
+        experts = {name: source.get for name, source in job.experts.items()}
+        keys = job.base.keys
+        for key in job.progress(keys, self.name, len(keys)):
+            for name, tensor in upscale_tensors(config, [key], job.base.get, experts):
+                load_upscaled_tensor(model, name, tensor)
+        # Like `build_wemoe`: the model takes the base checkpoint's dtype (task vectors keep their storage dtype).
+        model = model.to(job.base.dtype(keys[0])).eval()
+        model.save_pretrained(folder, max_shard_size=parse_size(options.max_shard_size))
+
+
+class EWEMoE(WEMoE):
+    """E-WEMoE: WEMoE with sparse task vectors (90% removed by default) and one router shared by all layers."""
+
+    name = "e-wemoe"
+    summary = "efficient WEMoE: sparse task vectors and a shared router"
+    defaults: ClassVar[dict] = {"sparsity": 0.9, "shared_router": True}
+    tags = ("wemoe", "e-wemoe", "mixture-of-experts")

@@ -12,18 +12,9 @@ Typical use::
 or from the command line: ``hf-wemoe toy-zoo --preset small``.
 """
 
-from .build import (
-    BASE_NAME,
-    PRESETS,
-    RECIPE_VERSION,
-    ToyZooPreset,
-    ZooManifest,
-    build_toy_zoo,
-    custom_preset,
-    default_zoo_dir,
-    get_toy_zoo,
-)
-from .tasks import TASKS, ToyTask, task_names
+from hf_wemoe.toy.build import PRESETS, ToyZooPreset, build_toy_zoo, custom_preset, get_toy_zoo
+from hf_wemoe.toy.manifest import BASE_NAME, RECIPE_VERSION, ZooManifest, default_zoo_dir
+from hf_wemoe.toy.tasks import TASKS, ToyTask, task_names
 
 __all__ = [
     "BASE_NAME",

@@ -28,8 +28,9 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .models import to_pixel_values
-from .training import TaskData, accuracy, deterministic_torch, is_mlp_key, zero_shot_head
+from hf_wemoe.toy.manifest import ZooManifest, default_zoo_dir
+from hf_wemoe.toy.models import to_pixel_values
+from hf_wemoe.toy.training import TaskData, accuracy, deterministic_torch, is_mlp_key, zero_shot_head
 
 __all__ = ["ROWS", "evaluate_world", "format_table", "main", "merge_state_dicts"]
 
@@ -71,12 +72,10 @@ def _load_test(path: Path) -> TaskData:
 def evaluate_world(zoo, lam: float = 0.3, progress: bool = False) -> dict[str, dict[str, float]]:
     """Evaluate a built toy zoo; returns ``{row: {task: accuracy, ..., "average": mean}}`` (fractions).
 
-    ``zoo`` is a zoo folder (with ``zoo.json``) or a :class:`~hf_wemoe.toy.build.ZooManifest`.
+    ``zoo`` is a zoo folder (with ``zoo.json``) or a :class:`~hf_wemoe.toy.manifest.ZooManifest`.
     """
     from transformers import AutoTokenizer, CLIPModel
     from transformers.utils import logging as hf_logging
-
-    from .build import ZooManifest
 
     manifest = zoo if isinstance(zoo, ZooManifest) else ZooManifest.load(zoo)
     tasks = list(manifest.tasks)
@@ -131,8 +130,6 @@ def format_table(table: Mapping[str, Mapping[str, float]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the world table of a built zoo (default: the full preset in the cache folder)."""
-    from .build import default_zoo_dir
-
     parser = argparse.ArgumentParser(
         prog="python -m hf_wemoe.toy.evaluate_world", description=__doc__.split("\n")[0]
     )

@@ -22,7 +22,7 @@ try:  # The PIL backend needs no torchvision; it saves the same preprocessor_con
 except ImportError:  # older transformers
     from transformers import CLIPImageProcessor as _ImageProcessor
 
-from .tasks import IMAGE_SIZE, TASKS
+from hf_wemoe.toy.tasks import IMAGE_SIZE, TASKS
 
 __all__ = [
     "BOS_TOKEN",

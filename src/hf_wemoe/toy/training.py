@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModel
 
-from .tasks import TASKS
+from hf_wemoe.toy.tasks import TASKS
 
 __all__ = [
     "BUILD_THREADS",

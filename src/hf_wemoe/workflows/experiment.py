@@ -18,7 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .classification import (
+from hf_wemoe.adaptation import TrainOptions, adapt_routers
+from hf_wemoe.evaluation import evaluate_tasks
+from hf_wemoe.merging.recipe import MergeOptions
+from hf_wemoe.workflows.merge import run_merge
+from hf_wemoe.zeroshot.classifier import (
     ClassificationTask,
     ZeroShotClassifier,
     load_image_processor,
@@ -26,10 +30,6 @@ from .classification import (
     load_visual_projection,
     prepare_tasks,
 )
-from .evaluation import evaluate_tasks
-from .merging.options import MergeOptions
-from .merging.run import run_merge
-from .training import TrainOptions, adapt_routers
 
 STATIC_METHODS = ("average", "task-arithmetic", "ties")
 MOE_METHODS = ("wemoe", "e-wemoe")

@@ -48,8 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..toy.build import get_toy_zoo
-    from ..toy.evaluate_world import format_table
+    from hf_wemoe.toy.build import get_toy_zoo
+    from hf_wemoe.toy.evaluate_world import format_table
 
     manifest = get_toy_zoo(
         preset=args.preset,

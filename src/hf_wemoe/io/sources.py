@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from .errors import SourceError
+from hf_wemoe.errors import SourceError
 
 logger = logging.getLogger(__name__)
 

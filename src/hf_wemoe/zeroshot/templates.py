@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .errors import WEMoEError
+from hf_wemoe.errors import WEMoEError
 
 __all__ = [
     "PLACEHOLDERS",

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import ImageClassificationDataset, TaskData, load_task_dataset, parse_dataset_ref
-from .errors import SourceError, WEMoEError
-from .heads import ZeroShotHead, load_or_build_heads
-from .modeling_wemoe import WEMoECLIPVisionModel
-from .sources import parse_reference
-from .templates import load_classnames, resolve_task_templates
+from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.io.sources import parse_reference
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.zeroshot.data import ImageClassificationDataset, TaskData, load_task_dataset, parse_dataset_ref
+from hf_wemoe.zeroshot.heads import ZeroShotHead, load_or_build_heads
+from hf_wemoe.zeroshot.templates import load_classnames, resolve_task_templates
 
 
 @dataclass

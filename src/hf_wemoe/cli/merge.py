@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..merging.options import add_arguments
+from hf_wemoe.merging.recipe import add_arguments
 
 DESCRIPTION = """\
 Merge CLIP vision experts fine-tuned from one base model. The default method, wemoe, writes a
@@ -39,8 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..merging.options import options_from_args
-    from ..merging.run import run_merge
+    from hf_wemoe.merging.recipe import options_from_args
+    from hf_wemoe.workflows.merge import run_merge
 
     summary = run_merge(options_from_args(args), show_progress=False if args.quiet else None)
     print(summary.line())

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..data import DATASET_REF_HELP
-from ..options import add_options, resolve_options
-from ..templates import TEMPLATES_HELP
+from hf_wemoe.cli.options import add_options, resolve_options
+from hf_wemoe.zeroshot.data import DATASET_REF_HELP
+from hf_wemoe.zeroshot.templates import TEMPLATES_HELP
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..adaptation import EvalConfig
+    from hf_wemoe.workflows.train_eval import EvalConfig
 
     parser = subparsers.add_parser(
         "eval",
@@ -36,8 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adaptation import EvalConfig, format_results, run_eval
-    from ..classification import parse_named
+    from hf_wemoe.workflows.train_eval import EvalConfig, format_results, run_eval
+    from hf_wemoe.zeroshot.classifier import parse_named
 
     config = resolve_options(
         EvalConfig, args, args.config, convert={"task": lambda v: parse_named(v, "--task")}

@@ -56,7 +56,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiments import (
+    from hf_wemoe.adaptation import TrainOptions
+    from hf_wemoe.toy.build import get_toy_zoo
+    from hf_wemoe.workflows.experiment import (
         ExperimentOptions,
         Suite,
         SuiteTask,
@@ -64,9 +66,7 @@ def run(args: argparse.Namespace) -> int:
         run_experiment,
         write_results,
     )
-    from ..templates import register_templates
-    from ..toy.build import get_toy_zoo
-    from ..training import TrainOptions
+    from hf_wemoe.zeroshot.templates import register_templates
 
     start = time.perf_counter()
     print(f"toy zoo ({args.preset} preset, seed {args.seed}): building or reusing ...", flush=True)

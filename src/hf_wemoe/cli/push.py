@@ -50,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..push import push_folder
+    from hf_wemoe.hub.push import push_folder
 
     result = push_folder(
         args.folder,

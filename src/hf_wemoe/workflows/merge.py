@@ -3,7 +3,7 @@
 The output is written into a temporary folder beside the target (`<output>.tmp-XXXX`) and renamed into place at
 the end, so a failed or interrupted merge leaves no partial output behind. With `full_clip`, the merged vision
 tower is combined with the base's text tower into a full CLIP model; with `push_to_hub`, the finished folder is
-pushed to the Hub (see `hf_wemoe.push`).
+pushed to the Hub (see `hf_wemoe.hub.push`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cards import merge_card
-from ..errors import IncompatibleModelsError, WEMoEError
-from ..sources import ModelSource, open_source, parse_reference
-from .full_clip import base_license, check_full_clip_base, write_full_clip
-from .io import count_parameters, folder_size
-from .options import MergeOptions, dump_yaml, parse_size
-from .registry import MergeJob, Progress, no_progress
+from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
+from hf_wemoe.hub.cards import merge_card
+from hf_wemoe.io.sources import ModelSource, open_source, parse_reference
+from hf_wemoe.io.weights import count_parameters, folder_size
+from hf_wemoe.merging.base import MergeJob, Progress, no_progress
+from hf_wemoe.merging.recipe import MergeOptions, dump_yaml
+from hf_wemoe.utils.formatting import format_size, parse_size
+from hf_wemoe.workflows.full_clip import base_license, check_full_clip_base, write_full_clip
 
 MERGE_CONFIG_NAME = "merge_config.yaml"
 PREPROCESSOR_NAME = "preprocessor_config.json"
@@ -56,7 +57,7 @@ class MergeSummary:
     size_bytes: int
     seconds: float
     push: Any = None
-    """The `hf_wemoe.push.PushResult` when the output was pushed to the Hub."""
+    """The `hf_wemoe.hub.push.PushResult` when the output was pushed to the Hub."""
 
     def line(self) -> str:
         """A one-line summary for the command line."""
@@ -66,15 +67,6 @@ class MergeSummary:
             f"{self.output}: {self.parameters:,} parameters, {format_size(self.size_bytes)} on disk, "
             f"{self.seconds:.1f}s"
         )
-
-
-def format_size(size: int) -> str:
-    """Bytes as a short human-readable size (decimal units)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1000
-    return f"{size:.2f} GB"
 
 
 def tqdm_progress(iterable: Iterable, description: str = "", total: int | None = None) -> Iterable:
@@ -136,7 +128,7 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
     output = Path(options.output).expanduser().absolute()
     _check_output(output, options)
     if options.push_to_hub:
-        from ..push import check_repo_id, check_token
+        from hf_wemoe.hub.push import check_repo_id, check_token
 
         check_repo_id(options.push_to_hub)
         check_token()
@@ -188,7 +180,7 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
         seconds=time.perf_counter() - start,
     )
     if options.push_to_hub:
-        from ..push import push_folder
+        from hf_wemoe.hub.push import push_folder
 
         try:
             summary.push = push_folder(
@@ -203,7 +195,7 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
 
 
 def _provenance(base: ModelSource, experts: dict[str, ModelSource], recipe: dict[str, Any]) -> dict[str, Any]:
-    from .. import __version__
+    from hf_wemoe.version import __version__
 
     provenance = {
         "base": base.provenance(),

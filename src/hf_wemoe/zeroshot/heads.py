@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SourceError, WEMoEError
-from .sources import ModelReference, parse_reference
-from .templates import fill_template, validate_templates
+from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.io.sources import ModelReference, parse_reference
+from hf_wemoe.zeroshot.templates import fill_template, validate_templates
 
 __all__ = [
     "ZeroShotHead",

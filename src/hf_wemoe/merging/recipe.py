@@ -17,32 +17,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import WEMoEError
-from .registry import MergeMethod, get_method, merge_methods
+from hf_wemoe.errors import WEMoEError
+from hf_wemoe.merging.base import MergeMethod
+from hf_wemoe.merging.registry import get_method, merge_methods
+from hf_wemoe.utils.formatting import parse_size
 
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
 
 
 def _method_option(**extra: Any) -> dict[str, Any]:
     return {"method_option": True, **extra}
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes in a size such as 5GB, 500MB, 2GiB or a plain integer."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError(f"size must be positive, got {value}")
-        return value
-    match = _SIZE.match(str(value))
-    if not match:
-        raise ValueError(f"size must look like 5GB, 500MB or 2GiB, got {value!r}")
-    size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()])
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
-    return size
 
 
 def parse_expert(text: str) -> tuple[str, str]:

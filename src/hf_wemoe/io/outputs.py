@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import WEMoEError
+from hf_wemoe.errors import WEMoEError
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import SourceError, WEMoEError
+from hf_wemoe.errors import SourceError, WEMoEError
 
 __all__ = [
     "DATASET_REF_HELP",

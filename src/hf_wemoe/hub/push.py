@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import WEMoEError
+from hf_wemoe.errors import WEMoEError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class PushResult:
 
     def line(self) -> str:
         """A one-line summary for the command line."""
-        from .merging.run import format_size
+        from hf_wemoe.workflows.merge import format_size
 
         return (
             f"pushed {len(self.files)} files ({format_size(self.size_bytes)}) to {self.url} "
@@ -146,7 +146,7 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
         )
     model_class, is_wemoe, full_clip = classes[model_type]
     info = ModelFolder(path, model_type, model_class.__name__, is_wemoe, full_clip)
-    from .merging.io import weight_files
+    from hf_wemoe.io.weights import weight_files
 
     if not weight_files(path):
         raise WEMoEError(
@@ -192,8 +192,8 @@ def _model_classes() -> dict[str, tuple[Any, bool, bool]]:
     """config.json model_type -> (model class, is WEMoE, is a full CLIP model)."""
     from transformers import CLIPModel, CLIPVisionModel
 
-    from .modeling_wemoe import WEMoECLIPVisionModel
-    from .modeling_wemoe_clip import WEMoECLIPModel
+    from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+    from hf_wemoe.models.modeling_wemoe_clip import WEMoECLIPModel
 
     return {
         "wemoe_clip_vision_model": (WEMoECLIPVisionModel, True, False),
@@ -223,7 +223,7 @@ def _check_code_files(path: Path, config: dict[str, Any]) -> None:
 
 def _check_weights(path: Path, model: Any) -> None:
     """Every tensor of the model is in the weight files with its shape, and the files hold nothing else."""
-    from .merging.io import tensor_shapes
+    from hf_wemoe.io.weights import tensor_shapes
 
     try:
         stored = {key: shape for key, (shape, _) in tensor_shapes(path).items()}
@@ -405,7 +405,7 @@ def _upload_staging(model: ModelFolder, repo_id: str, keep_card: bool) -> Iterat
     The model folder itself is not changed. Files are hard-linked when possible (same file system), else
     symbolically linked; upload_folder reads through both.
     """
-    from .cards import model_card, validate_card
+    from hf_wemoe.hub.cards import model_card, validate_card
 
     staging = Path(tempfile.mkdtemp(prefix="hf-wemoe-push-"))
     try:

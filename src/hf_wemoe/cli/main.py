@@ -7,13 +7,13 @@ import importlib
 import logging
 import sys
 
-from . import __version__
-from .commands import COMMANDS
-from .errors import WEMoEError
+from hf_wemoe.cli.commands import COMMANDS
+from hf_wemoe.errors import WEMoEError
+from hf_wemoe.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one sub-parser per command module in ``hf_wemoe.commands``."""
+    """The top-level parser with one sub-parser per command module in ``hf_wemoe.cli``."""
     parser = argparse.ArgumentParser(
         prog="hf-wemoe",
         description=(
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"hf_wemoe.commands.{name}")
+        module = importlib.import_module(f"hf_wemoe.cli.{name}")
         sub = module.add_parser(subparsers)
         sub.set_defaults(_run=module.run)
     return parser

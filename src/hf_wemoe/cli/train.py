@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..data import DATASET_REF_HELP
-from ..options import add_options, resolve_options
-from ..templates import TEMPLATES_HELP
+from hf_wemoe.cli.options import add_options, resolve_options
+from hf_wemoe.zeroshot.data import DATASET_REF_HELP
+from hf_wemoe.zeroshot.templates import TEMPLATES_HELP
 
 _EXAMPLES = """\
 examples:
@@ -18,7 +18,7 @@ examples:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..adaptation import TrainConfig
+    from hf_wemoe.workflows.train_eval import TrainConfig
 
     parser = subparsers.add_parser(
         "train",
@@ -46,9 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adaptation import TrainConfig, run_train
-    from ..classification import parse_named
-    from ..evaluation import markdown_table
+    from hf_wemoe.evaluation import markdown_table
+    from hf_wemoe.workflows.train_eval import TrainConfig, run_train
+    from hf_wemoe.zeroshot.classifier import parse_named
 
     config = resolve_options(
         TrainConfig, args, args.config, convert={"task": lambda values: parse_named(values, "--task")}

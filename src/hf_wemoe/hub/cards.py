@@ -17,21 +17,21 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .errors import WEMoEError
-from .evaluation import markdown_table
-from .merging.io import count_parameters, weight_files
-from .merging.registry import get_method
+from hf_wemoe.errors import WEMoEError
+from hf_wemoe.evaluation import markdown_table
+from hf_wemoe.io.weights import count_parameters, weight_files
+from hf_wemoe.merging.registry import get_method
 
 
 def _template_dir() -> Path:
     """The installed `model_cards/` templates (the repository's top-level folder, packaged as
-    `hf_wemoe.model_cards`)."""
+    `hf_wemoe.hub.model_cards`)."""
     from importlib.resources import files
 
     try:
-        return Path(str(files("hf_wemoe.model_cards")))
+        return Path(str(files("hf_wemoe.hub.model_cards")))
     except ModuleNotFoundError:  # an editable install runs from the source tree
-        return Path(__file__).resolve().parents[2] / "model_cards"
+        return Path(__file__).resolve().parents[3] / "model_cards"
 
 
 TEMPLATE_DIR = _template_dir()
@@ -312,7 +312,7 @@ def _source_entry(name: str, record: dict | None, ref: str) -> dict[str, Any]:
 
 
 def _is_hub_ref(ref: str) -> bool:
-    from .sources import parse_reference
+    from hf_wemoe.io.sources import parse_reference
 
     if str(ref) == NOT_RECORDED or Path(str(ref)).expanduser().exists():
         return False
@@ -324,7 +324,7 @@ def _is_hub_ref(ref: str) -> bool:
 
 def _dataset_entry(task: str, ref: str | None) -> dict[str, Any]:
     """A task's dataset for the card: Hub repo id and link, config and split, or a local path."""
-    from .data import parse_dataset_ref
+    from hf_wemoe.zeroshot.data import parse_dataset_ref
 
     entry = {"task": task, "ref": ref, "repo_id": None, "url": None, "config": None, "split": None}
     if not ref:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import WEMoEError
+from hf_wemoe.errors import WEMoEError
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool]:

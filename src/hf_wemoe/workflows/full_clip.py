@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SourceError, WEMoEError
-from ..sources import PICKLE_NAME, ModelSource, SafetensorsFile
+from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.io.sources import PICKLE_NAME, ModelSource, SafetensorsFile
 
 # Tokenizer files of a CLIP checkpoint (transformers 4 and 5 layouts); whichever the base has are copied.
 TOKENIZER_FILES = (
@@ -111,9 +111,9 @@ def write_full_clip(vision_folder: Path, base: ModelSource, folder: Path, max_sh
     """
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionModel
 
-    from ..configuration_wemoe import WEMoECLIPConfig
-    from ..modeling_wemoe import WEMoECLIPVisionModel
-    from ..modeling_wemoe_clip import WEMoECLIPModel
+    from hf_wemoe.models.configuration_wemoe import WEMoECLIPConfig
+    from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+    from hf_wemoe.models.modeling_wemoe_clip import WEMoECLIPModel
 
     check_full_clip_base(base)
     base_config = json.loads((base.folder / "config.json").read_text())
