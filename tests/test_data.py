@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from hf_wemoe.zeroshot import data as data_module
 from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.zeroshot import data as data_module
 from hf_wemoe.zeroshot.data import (
     DATASET_REF_HELP,
     DatasetRef,

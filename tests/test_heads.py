@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPModel
 
-from hf_wemoe.zeroshot import heads as heads_module
 from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.zeroshot import heads as heads_module
 from hf_wemoe.zeroshot.heads import (
     ZeroShotHead,
     build_zeroshot_head,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from hf_wemoe.zeroshot import templates
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.zeroshot import templates
 from hf_wemoe.zeroshot.templates import (
     fill_template,
     get_templates,
