@@ -1,7 +1,9 @@
 """Test-session setup: the local Hub server, isolated caches, shared fixtures.
 
-The Hub server must be running and HF_ENDPOINT set before huggingface_hub is first imported (it fixes its
-endpoint at import), so this runs at the very top of the session, before any test module is imported.
+HF_ENDPOINT must point at the local Hub server before huggingface_hub is first imported (it fixes its endpoint at
+import), so the server's port is reserved here, at the very top of the session. The server itself starts only
+when a test asks for the `hub_server` fixture; until then the port refuses connections, so a test that reaches
+for the Hub without the fixture fails at once instead of hanging.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import tempfile
 from hub_server import HubServer, configure_environ  # tests/ is on sys.path (no tests/__init__.py)
 
 _SESSION_CACHE = tempfile.mkdtemp(prefix="hf-wemoe-tests-")
-HUB = HubServer(os.path.join(_SESSION_CACHE, "hub_store")).start()
+HUB = HubServer(os.path.join(_SESSION_CACHE, "hub_store")).reserve()
 # HF_ENDPOINT, HF_HOME, HF_TOKEN, telemetry off, HF_HUB_DISABLE_XET=1; raises if huggingface_hub is imported
 configure_environ(HUB, os.path.join(_SESSION_CACHE, "hf_home"))
 atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
@@ -27,14 +29,15 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def hub_server() -> HubServer:
-    """The session's local Hub server (127.0.0.1, free port)."""
-    return HUB
+    """The session's local Hub server (127.0.0.1, free port), started on first use."""
+    return HUB.start()
 
 
 @pytest.fixture(autouse=True)
 def _reset_hub_faults():
     yield
-    HUB.clear_failures()
+    if HUB.running:
+        HUB.clear_failures()
 
 
 from toy_fixtures import toy_zoo_small  # noqa: E402, F401  (session fixture: the toy zoo's small preset)

@@ -1343,11 +1343,30 @@ class HubServer:
             raise RuntimeError("The Hub server is not started")
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
+    @property
+    def running(self) -> bool:
+        """Whether the server answers requests (a reserved server refuses connections until started)."""
+        return self._thread is not None
+
+    def reserve(self) -> HubServer:
+        """Bind the port without listening: `url` is known (to point clients at it before they are imported),
+        connections are refused at once until `start`."""
+        if self._httpd is None:
+            self._httpd = _HTTPServer(("127.0.0.1", self.port), _Handler, bind_and_activate=False)
+            self._httpd.hub = self
+            try:
+                self._httpd.server_bind()
+            except BaseException:
+                self._httpd.server_close()
+                self._httpd = None
+                raise
+        return self
+
     def start(self) -> HubServer:
-        if self._httpd is not None:
+        if self._thread is not None:
             return self
-        self._httpd = _HTTPServer(("127.0.0.1", self.port), _Handler)
-        self._httpd.hub = self
+        self.reserve()
+        self._httpd.server_activate()
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-server", daemon=True
         )
@@ -1357,7 +1376,8 @@ class HubServer:
     def stop(self) -> None:
         if self._httpd is None:
             return
-        self._httpd.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever, which a reserved server never ran
+            self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=10)
