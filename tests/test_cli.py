@@ -123,7 +123,10 @@ def test_help_states_each_default_once(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: the recorded base)" in text and "(default: none)" not in text.split("--clip-model")[1][:120]
+    assert (
+        "(default: the recorded base)" in text
+        and "(default: none)" not in text.split("--clip-model")[1][:120]
+    )
     assert "(default: OUTPUT-checkpoints)" in text and text.count("(default: the model's)") == 1
 
 
@@ -142,7 +145,9 @@ def test_underscore_spellings_are_aliases_and_values_are_kept():
     kebab = parse(["merge", "--max-shard-size", "50KB", "--no-shared-router", "--expert=my_task=a_b"])
     snake = parse(["merge", "--max_shard_size", "50KB", "--no_shared_router", "--expert=my_task=a_b"])
     assert {**vars(kebab), "_parser": None} == {**vars(snake), "_parser": None}
-    assert snake.max_shard_size == "50KB" and snake.shared_router is False and snake.experts == ["my_task=a_b"]
+    assert (
+        snake.max_shard_size == "50KB" and snake.shared_router is False and snake.experts == ["my_task=a_b"]
+    )
     assert parse(["train", "--batch_size_per_task", "4"]).batch_size_per_task == 4
 
 
@@ -238,7 +243,9 @@ def test_unknown_and_duplicate_keys_are_refused_by_every_config_file(name, tmp_p
 def test_flags_override_the_config_file(tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"model": "m", "task": {"a": "d"}, "steps": 5, "evaluate": False}))
-    train, hub = resolve_options(parse(["train", "--config", str(config), "--steps", "7", "--evaluate"]), *_train())
+    train, hub = resolve_options(
+        parse(["train", "--config", str(config), "--steps", "7", "--evaluate"]), *_train()
+    )
     assert (train.steps, train.evaluate, train.task, hub.push_to_hub) == (7, True, {"a": "d"}, None)
     # Tasks as NAME=DATASET strings in the file, like the flags.
     config.write_text(yaml.safe_dump({"task": ["a=d", "b=e"], "push_to_hub": "org/name"}))
@@ -264,13 +271,21 @@ def test_deprecated_merge_names_warn_once_and_keep_working(tmp_path, capsys):
     assert recipe.task_vector_dtype == "bfloat16"
 
     config = tmp_path / "old.yaml"
-    config.write_text("base: b\nexperts: {a: b}\ninit_lambda: 0.5\ntask_vector_sparsity: 0.25\ndtype: float16\n")
+    config.write_text(
+        "base: b\nexperts: {a: b}\ninit_lambda: 0.5\ntask_vector_sparsity: 0.25\ndtype: float16\n"
+    )
     with pytest.warns(FutureWarning) as warned:
-        recipe, _ = resolve_options(parse(["merge", "--config", str(config)]), MergeRecipe, _merge_run_options())
+        recipe, _ = resolve_options(
+            parse(["merge", "--config", str(config)]), MergeRecipe, _merge_run_options()
+        )
     assert (recipe.scaling, recipe.sparsity, recipe.task_vector_dtype) == (0.5, 0.25, "float16")
     assert {str(w.message) for w in warned} == {
         f"'{old}' in config file '{config}' is deprecated; use '{new}'"
-        for old, new in [("dtype", "task_vector_dtype"), ("init_lambda", "scaling"), ("task_vector_sparsity", "sparsity")]
+        for old, new in [
+            ("dtype", "task_vector_dtype"),
+            ("init_lambda", "scaling"),
+            ("task_vector_sparsity", "sparsity"),
+        ]
     }
     # Python callers too.
     with pytest.warns(FutureWarning, match="'init_lambda' is deprecated; use 'scaling'"):
@@ -278,7 +293,22 @@ def test_deprecated_merge_names_warn_once_and_keep_working(tmp_path, capsys):
 
     # On the command line: one `warning:` line on stderr, then the command goes on (here to a missing base).
     capsys.readouterr()
-    assert main(["merge", "--base", str(tmp_path / "none"), "--expert", "a=b", "--output", "o", "--dtype", "float16"]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(tmp_path / "none"),
+                "--expert",
+                "a=b",
+                "--output",
+                "o",
+                "--dtype",
+                "float16",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == "warning: --dtype is deprecated; use --task-vector-dtype" and len(err) == 2
     assert err[1].startswith("error: ")
@@ -301,7 +331,9 @@ def test_the_recorded_recipe_keeps_the_shard_size(zoo, tmp_path):
     assert recipe["max_shard_size"] == "50KB"
     again = tmp_path / "again"
     assert main(["merge", "-q", "--config", str(first / "merge_config.yaml"), "--output", str(again)]) == 0
-    assert sorted(p.name for p in again.glob("*.safetensors")) == sorted(p.name for p in first.glob("*.safetensors"))
+    assert sorted(p.name for p in again.glob("*.safetensors")) == sorted(
+        p.name for p in first.glob("*.safetensors")
+    )
     assert len(list(again.glob("*.safetensors"))) > 1
     for path in first.glob("*.safetensors"):
         assert (again / path.name).read_bytes() == path.read_bytes(), path.name
@@ -323,7 +355,9 @@ def test_a_merge_config_written_by_0_1_0_still_merges(zoo, tmp_path, monkeypatch
         "warning: 'dtype' in config file 'merge_config.yaml' is deprecated; use 'task_vector_dtype'"
     ]
     recipe = yaml.safe_load(Path("rebuilt/merge_config.yaml").read_text())
-    assert {key: recipe[key] for key in old if key != "dtype"} == {key: v for key, v in old.items() if key != "dtype"}
+    assert {key: recipe[key] for key in old if key != "dtype"} == {
+        key: v for key, v in old.items() if key != "dtype"
+    }
     assert recipe["task_vector_dtype"] == "bfloat16" and "dtype" not in recipe
     assert recipe["max_shard_size"] == "5GB"  # the default, now recorded
 
@@ -344,7 +378,9 @@ def test_a_merge_config_written_by_0_1_0_still_merges(zoo, tmp_path, monkeypatch
 # Push composed by the commands, after the workflows
 
 
-def test_a_failed_push_after_a_merge_keeps_the_folder_and_says_how_to_retry(zoo, tmp_path, monkeypatch, capsys):
+def test_a_failed_push_after_a_merge_keeps_the_folder_and_says_how_to_retry(
+    zoo, tmp_path, monkeypatch, capsys
+):
     def failing_push(folder, repo_id, **kwargs):
         raise WEMoEError("the Hub is down")
 

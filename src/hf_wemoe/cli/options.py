@@ -219,6 +219,10 @@ def add_options(
     fields: dict[str, tuple[type[BaseModel], FieldInfo]] = {}
     for model in models:
         for name, info in model.model_fields.items():
+            if name in fields:
+                raise ValueError(
+                    f"option {name!r} is a field of both {fields[name][0].__name__} and {model.__name__}"
+                )
             fields[name] = (model, info)
     order = [name for name in first if name in fields] + [name for name in fields if name not in first]
     for name in order:
