@@ -21,8 +21,9 @@ from transformers import CLIPImageProcessor, CLIPVisionModel
 
 from hf_wemoe import WEMoECLIPVisionModel, build_wemoe
 from hf_wemoe.cli.main import main
+from hf_wemoe.cli.merge import MergeRunOptions
 from hf_wemoe.io.weights import count_parameters
-from hf_wemoe.merging.recipe import MergeOptions
+from hf_wemoe.merging.recipe import MergeRecipe
 from hf_wemoe.merging.registry import merge_methods
 from hf_wemoe.workflows.merge import run_merge
 from test_sources import write_checkpoint
@@ -198,8 +199,9 @@ def test_wemoe_output_folder(zoo, wemoe_output):
         "sparsity": 0.0,
         "shared_router": False,
         "routing": "sample",
-        "dtype": "float32",
+        "task_vector_dtype": "float32",
         "seed": 0,
+        "max_shard_size": "5GB",
     }
 
 
@@ -261,7 +263,7 @@ def test_e_wemoe_defaults_and_overrides(zoo, tmp_path):
         merge_args(
             zoo,
             tmp_path / "custom",
-            *("--method", "e-wemoe", "--sparsity", "0.5", "--no-shared-router", "--dtype", "bfloat16"),
+            *("--method", "e-wemoe", "--sparsity", "0.5", "--no-shared-router", "--task-vector-dtype", "bfloat16"),
             *("--router-depth", "1", "--routing", "batch", "--scaling", "0.25"),
         )
     )
@@ -280,7 +282,7 @@ def test_half_precision_checkpoints_keep_their_dtype(zoo, tmp_path):
     half = {"base": _half(base), **{name: _half(experts[name]) for name in NAMES}}
     folders = {name: write_checkpoint(model, tmp_path / name) for name, model in half.items()}
     args = ["merge", "--base", str(folders["base"]), "-q", *[f"--expert={n}={folders[n]}" for n in NAMES]]
-    run_ok([*args, "--output", str(tmp_path / "wemoe"), "--dtype", "bfloat16"])
+    run_ok([*args, "--output", str(tmp_path / "wemoe"), "--task-vector-dtype", "bfloat16"])
     merged = WEMoECLIPVisionModel.from_pretrained(tmp_path / "wemoe", dtype=torch.float16).state_dict()
     reference = build_wemoe(
         half["base"], {n: half[n] for n in NAMES}, task_vector_dtype="bfloat16"
@@ -423,7 +425,8 @@ def test_help_documents_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["merge", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for name in MergeOptions.model_fields:
+    fields = [*MergeRecipe.model_fields, *MergeRunOptions.model_fields]
+    for name in fields:
         flag = "--expert" if name == "experts" else "--" + name.replace("_", "-")
         assert flag in text, flag
     for method in merge_methods():
@@ -435,18 +438,14 @@ def test_help_documents_every_option_with_its_default(capsys):
         "(default: 0.0 for wemoe, 0.9 for e-wemoe)",
     ):
         assert snippet in text, snippet
-    assert text.count("(default:") + text.count("(required") >= len(MergeOptions.model_fields)
+    assert text.count("(default:") + text.count("(required") >= len(fields)
 
 
 def test_progress_and_summary(zoo, tmp_path, capsys):
     _, _, folders = zoo
-    options = MergeOptions(
-        base=str(folders["base"]),
-        experts={name: str(folders[name]) for name in NAMES},
-        output=tmp_path / "out",
-    )
+    recipe = MergeRecipe(base=str(folders["base"]), experts={name: str(folders[name]) for name in NAMES})
     capsys.readouterr()
-    summary = run_merge(options, show_progress=True)
+    summary = run_merge(recipe, tmp_path / "out", show_progress=True)
     assert "wemoe" in capsys.readouterr().err  # the progress bar
     line = summary.line()
     assert "\n" not in line

@@ -409,26 +409,22 @@ def test_merge_push_to_hub(world, hub_server, tmp_path, capsys):
     assert card.data.pipeline_tag == "zero-shot-image-classification" and "# testorg/merged" in card.text
 
 
-def test_train_push_to_hub(hub_server, tmp_path):
+def test_train_push_to_hub(hub_server, tmp_path, capsys):
     adaptation = make_adaptation_world(tmp_path / "world")
-    from hf_wemoe.workflows.train_eval import TrainConfig, run_train
-
-    config = TrainConfig(
-        model=str(adaptation["wemoe"]),
-        task={"blocks": str(adaptation["blocks"]), "stripes": str(adaptation["stripes"])},
-        templates=["generic"],
-        steps=2,
-        batch_size_per_task=4,
-        output=str(tmp_path / "adapted"),
-        push_to_hub="testorg/adapted",
-    )
-    summary = run_train(config, progress=False)
-    assert summary["push"].repo_id == "testorg/adapted"
+    tasks = {"blocks": str(adaptation["blocks"]), "stripes": str(adaptation["stripes"])}
+    args = ["train", "-q", "--model", str(adaptation["wemoe"]), "--templates", "generic", "--steps", "2",
+            "--batch-size-per-task", "4", "--output", str(tmp_path / "adapted"), "--push-to-hub", "testorg/adapted",
+            *[f"--task={name}={dataset}" for name, dataset in tasks.items()]]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 0
+    # The command composes the training workflow with the push: the last line is the push's.
+    pushed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert pushed.startswith("pushed ") and f"{hub_server.url}/testorg/adapted " in pushed
     files = repo_files(hub_server, "testorg/adapted")
     assert {"eval_results.json", "routing.png", "README.md", "modeling_wemoe.py"} <= files
     results = json.loads(hub_server.read_file("testorg/adapted", "eval_results.json"))
     assert results["baselines"][0]["name"] == "before adaptation"
-    assert results["datasets"] == config.task
+    assert results["datasets"] == tasks
     card = ModelCard.load("testorg/adapted")
     assert {r.dataset_name for r in card.data.eval_results} == {"blocks", "stripes"}
     assert "| before adaptation |" in card.text and "results on those tasks are transductive" in card.text

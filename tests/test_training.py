@@ -61,14 +61,15 @@ def test_train_adapts_only_routers_and_writes_outputs(world, tmp_path, capsys):
 
 def test_entropy_decreases(world):
     from hf_wemoe.adaptation import TrainOptions, adapt_routers
-    from hf_wemoe.workflows.train_eval import TrainConfig, _load
+    from hf_wemoe.workflows.tasks import load_tasks
+    from hf_wemoe.workflows.train import TrainConfig
 
     config = TrainConfig(
         model=str(world["wemoe"]),
         task={"blocks": str(world["blocks"]), "stripes": str(world["stripes"])},
         templates=["generic"],
     )
-    classifier, tasks, _ = _load(config, require_labels=False)
+    classifier, tasks, _ = load_tasks(config, require_labels=False)
     losses = []
     options = TrainOptions(steps=8, lr=0.01, batch_size_per_task=8)
     adapt_routers(classifier, tasks, options, progress=False, on_step=lambda step, loss: losses.append(loss))

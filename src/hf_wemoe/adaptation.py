@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.models.configuration_wemoe import ROUTING_MODES
 from hf_wemoe.zeroshot.classifier import ClassificationTask, ZeroShotClassifier
 from hf_wemoe.zeroshot.data import collate_images
 
@@ -43,8 +44,10 @@ class TrainOptions(BaseModel):
         "entropy",
         description="loss: entropy of the predictions (unlabelled), or cross-entropy with the labels",
     )
-    routing: Literal["sample", "batch"] | None = Field(
-        None, description="routing mode while training and evaluating (default: the model's)"
+    routing: Literal[ROUTING_MODES] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="routing mode while training and evaluating",
+        json_schema_extra={"default_text": "the model's"},
     )
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
     log_every: int = Field(10, ge=1, description="log the loss to trackers every N steps")

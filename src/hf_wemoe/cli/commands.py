@@ -1,8 +1,57 @@
-"""One module per ``hf-wemoe`` sub-command.
+"""The ``hf-wemoe`` sub-commands: name, module and one-line help, without importing any command.
 
-Each module defines ``add_parser(subparsers)`` (registers its flags) and ``run(args) -> int``. The CLI only
-parses arguments and dispatches; the work lives in the workflow modules the commands call.
+The top-level parser lists the commands from this table; only the invoked command's module is imported (to add
+its flags and run it), so ``hf-wemoe --help`` answers without loading torch or transformers. Each module
+(``hf_wemoe.cli.<module>``) defines ``DESCRIPTION``, ``EXAMPLES``, ``add_arguments(parser)`` and
+``run(args) -> int``; it parses options, calls a workflow, pushes when asked, and prints.
 """
 
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    """One sub-command: its name on the command line, its module in `hf_wemoe.cli`, its one-line help."""
+
+    name: str
+    module: str
+    help: str
+
+
 # The order here is the order ``hf-wemoe --help`` lists the commands in.
-COMMANDS: list[str] = ["demo", "merge", "train", "eval", "push", "toy_zoo"]
+COMMANDS: dict[str, Command] = {
+    command.name: command
+    for command in (
+        Command(
+            "demo", "demo", "run the whole method offline on the built-in toy zoo and print the results table"
+        ),
+        Command(
+            "merge",
+            "merge",
+            "merge fine-tuned CLIP vision experts (WEMoE, E-WEMoE, task arithmetic, TIES, averaging)",
+        ),
+        Command(
+            "train",
+            "train",
+            "adapt the routers of a WEMoE model (test-time adaptation by entropy minimisation)",
+        ),
+        Command(
+            "eval",
+            "eval",
+            "evaluate a WEMoE model or a plain CLIP vision model (zero-shot heads, top-1 accuracy)",
+        ),
+        Command(
+            "push",
+            "push",
+            "push a merged or adapted model folder to the Hugging Face Hub, with its model card",
+        ),
+        Command(
+            "toy-zoo",
+            "toy_zoo",
+            "build the offline toy zoo: small image tasks, a tiny pretrained CLIP and one expert per task",
+        ),
+    )
+}
+
+__all__ = ["COMMANDS", "Command"]

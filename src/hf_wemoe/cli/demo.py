@@ -7,55 +7,67 @@ import tempfile
 import time
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from hf_wemoe.cli.options import add_options, resolve_options
+from hf_wemoe.cli.toy_zoo import Preset
+
 DEFAULT_STEPS = 200
 # The paper's ViT-B/32 run used 1e-4 for 1000 steps (and reports that 1e-3 also works); the demo takes
 # 1e-3 to converge within its 200 steps.
 DEFAULT_LR = 1e-3
 
+DESCRIPTION = """\
+Build (or reuse) the offline toy zoo, a tiny CLIP and one fine-tuned expert per toy task; merge the experts with
+every method (average, task arithmetic, TIES, WEMoE, E-WEMoE); adapt the WEMoE and E-WEMoE routers on the
+unlabelled test images; evaluate everything together with the pretrained model, the individual experts and the
+oracle-routing bound (the WEMoE model collapsed to each task's own expert MLPs); print one table.
+"""
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "demo",
-        help="run the whole method offline on the built-in toy zoo and print the results table",
-        description=(
-            "Build (or reuse) the offline toy zoo, a tiny CLIP and one fine-tuned expert per toy task; merge "
-            "the experts with every method (average, task arithmetic, TIES, WEMoE, E-WEMoE); adapt the WEMoE and "
-            "E-WEMoE routers on the unlabelled test images; evaluate everything together with the pretrained "
-            "model, the individual experts and the oracle-routing bound (the WEMoE model collapsed to each task's "
-            "own expert MLPs); print one table."
-        ),
+EXAMPLES = """\
+examples:
+  hf-wemoe demo                                   # the full preset; builds the toy zoo on first use
+  hf-wemoe demo --preset small --steps 50 --output demo-results
+"""
+
+
+class DemoOptions(BaseModel):
+    """`hf-wemoe demo` options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: Path | None = Field(
+        None, description="write results.md and results.json here", json_schema_extra={"metavar": "DIR"}
     )
-    parser.add_argument("--output", type=Path, default=None, help="write results.md and results.json here")
-    parser.add_argument(
-        "--preset", choices=["full", "small"], default="full", help="toy zoo size (default: full)"
+    preset: Preset = Field("full", description="toy zoo size")
+    seed: int = Field(0, description="toy zoo seed")
+    zoo: Path | None = Field(
+        None,
+        description="toy zoo folder",
+        json_schema_extra={"metavar": "DIR", "default_text": "the user cache, built when missing"},
     )
-    parser.add_argument("--seed", type=int, default=0, help="toy zoo seed (default: 0)")
-    parser.add_argument(
-        "--zoo", type=Path, default=None, help="toy zoo folder (default: the user cache, built when missing)"
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="router adaptation steps")
+    lr: float = Field(DEFAULT_LR, gt=0, description="router learning rate")
+    batch_size_per_task: int = Field(16, ge=1, description="images per task and step")
+    max_test_images: int | None = Field(
+        None,
+        ge=1,
+        description="use at most this many test images per task",
+        json_schema_extra={"default_text": "all"},
     )
-    parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"router adaptation steps (default: {DEFAULT_STEPS})"
+    workdir: Path | None = Field(
+        None,
+        description="folder for the merged models",
+        json_schema_extra={"metavar": "DIR", "default_text": "a temporary folder"},
     )
-    parser.add_argument(
-        "--lr", type=float, default=DEFAULT_LR, help=f"router learning rate (default: {DEFAULT_LR})"
-    )
-    parser.add_argument(
-        "--batch-size-per-task", type=int, default=16, help="images per task and step (default: 16)"
-    )
-    parser.add_argument(
-        "--max-test-images",
-        type=int,
-        default=None,
-        help="use at most this many test images per task (default: all)",
-    )
-    parser.add_argument(
-        "--workdir", type=Path, default=None, help="merged models (default: a temporary folder)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, [DemoOptions])
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: these load torch, which `hf-wemoe demo --help` does not need.
     from hf_wemoe.adaptation import TrainOptions
     from hf_wemoe.toy.build import get_toy_zoo
     from hf_wemoe.workflows.experiment import (
@@ -68,13 +80,14 @@ def run(args: argparse.Namespace) -> int:
     )
     from hf_wemoe.zeroshot.templates import register_templates
 
+    (options,) = resolve_options(args, DemoOptions)
     start = time.perf_counter()
-    print(f"toy zoo ({args.preset} preset, seed {args.seed}): building or reusing ...", flush=True)
-    zoo = get_toy_zoo(args.preset, seed=args.seed, output_dir=args.zoo, progress=not args.quiet)
+    print(f"toy zoo ({options.preset} preset, seed {options.seed}): building or reusing ...", flush=True)
+    zoo = get_toy_zoo(options.preset, seed=options.seed, output_dir=options.zoo, progress=not args.quiet)
     print(f"toy zoo at {zoo.root}: {len(zoo.tasks)} tasks ({', '.join(zoo.tasks)})", flush=True)
     for task in zoo.tasks:
         register_templates(task, zoo.templates[task], overwrite=True)
-    split = "test" if args.max_test_images is None else f"test[:{args.max_test_images}]"
+    split = "test" if options.max_test_images is None else f"test[:{options.max_test_images}]"
     suite = Suite(
         name=f"toy zoo ({zoo.preset})",
         base=str(zoo.base_path),
@@ -83,23 +96,27 @@ def run(args: argparse.Namespace) -> int:
             for t in zoo.tasks
         ],
     )
-    options = ExperimentOptions(
+    experiment = ExperimentOptions(
         train=TrainOptions(
-            steps=args.steps, lr=args.lr, batch_size_per_task=args.batch_size_per_task, seed=args.seed
+            steps=options.steps,
+            lr=options.lr,
+            batch_size_per_task=options.batch_size_per_task,
+            seed=options.seed,
         ),
         progress=not args.quiet,
     )
     with tempfile.TemporaryDirectory(prefix="hf-wemoe-demo-") as scratch:
-        rows = run_experiment(suite, args.workdir or scratch, options)
+        rows = run_experiment(suite, options.workdir or scratch, experiment)
     table = results_markdown(rows, suite.task_names)
     print()
     print(table)
     note = (
-        f"hf-wemoe demo: toy zoo preset {zoo.preset}, seed {zoo.seed}; router adaptation {args.steps} steps, "
-        f"lr {args.lr}, {args.batch_size_per_task} images per task and step; accuracy in percent on the test splits."
+        f"hf-wemoe demo: toy zoo preset {zoo.preset}, seed {zoo.seed}; router adaptation {options.steps} steps, "
+        f"lr {options.lr}, {options.batch_size_per_task} images per task and step; accuracy in percent on the "
+        "test splits."
     )
-    if args.output is not None:
-        write_results(rows, suite.task_names, args.output, preamble=note)
-        print(f"\nresults written to {args.output}/results.md and results.json")
+    if options.output is not None:
+        write_results(rows, suite.task_names, options.output, preamble=note)
+        print(f"\nresults written to {options.output}/results.md and results.json")
     print(f"done in {time.perf_counter() - start:.0f}s")
     return 0

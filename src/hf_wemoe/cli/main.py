@@ -1,38 +1,80 @@
-"""The ``hf-wemoe`` command line: argument parsing, dispatch, exit codes."""
+"""The ``hf-wemoe`` command line: argument parsing, dispatch, logging set-up, exit codes.
+
+Only the invoked command's module is imported, so ``hf-wemoe --help`` and ``--version`` answer at once. Every
+error, including a flag the parser does not know, is one line ``error: ...`` and exit code 2.
+"""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import difflib
 import importlib
-import logging
 import sys
+import warnings
+from collections.abc import Iterator, Sequence
 
 from hf_wemoe.cli.commands import COMMANDS
+from hf_wemoe.cli.options import OptionParser, UsageError, add_logging_options
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.utils.progress import set_verbosity
 from hf_wemoe.version import __version__
 
+DESCRIPTION = """\
+Merge CLIP vision models fine-tuned on different tasks into one weight-ensembling mixture-of-experts
+(WEMoE / E-WEMoE) model, adapt its routers, evaluate it and share it on the Hub.
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one sub-parser per command module in ``hf_wemoe.cli``."""
-    parser = argparse.ArgumentParser(
-        prog="hf-wemoe",
-        description=(
-            "Merge CLIP vision models fine-tuned on different tasks into one weight-ensembling "
-            "mixture-of-experts (WEMoE / E-WEMoE) model, adapt its routers, evaluate it and share it on the Hub."
-        ),
-    )
+Flags are kebab-case (--max-shard-size); the underscore spelling (--max_shard_size) is accepted too. -q/--quiet
+and -v/--verbose may come before or after the command. `hf-wemoe COMMAND --help` shows a command's flags."""
+
+EXAMPLES = """\
+examples:
+  hf-wemoe demo                                  # the whole method offline, on the toy zoo
+  hf-wemoe merge --base openai/clip-vit-base-patch32 --expert mnist=tanganke/clip-vit-base-patch32_mnist \\
+      --expert svhn=tanganke/clip-vit-base-patch32_svhn --output wemoe-vit-b32
+  hf-wemoe train --model wemoe-vit-b32 --task mnist=ylecun/mnist --task svhn=ufldl-stanford/svhn:cropped_digits \\
+      --output wemoe-vit-b32-tta
+  hf-wemoe push wemoe-vit-b32-tta --repo-id my-org/wemoe-vit-b32
+"""
+
+
+def build_parser(command: str | None = None) -> OptionParser:
+    """The top-level parser, listing every command; only `command`'s module is imported, to add its flags."""
+    parser = OptionParser(prog="hf-wemoe", description=DESCRIPTION, epilog=EXAMPLES)
     parser.add_argument("--version", action="version", version=f"hf-wemoe {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        module = importlib.import_module(f"hf_wemoe.cli.{name}")
-        sub = module.add_parser(subparsers)
-        sub.set_defaults(_run=module.run)
+    add_logging_options(parser, top_level=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OptionParser)
+    for spec in COMMANDS.values():
+        sub = subparsers.add_parser(spec.name, help=spec.help, description=spec.help)
+        add_logging_options(sub)
+        if spec.name == command:
+            module = importlib.import_module(f"hf_wemoe.cli.{spec.module}")
+            sub.description = module.DESCRIPTION
+            sub.epilog = module.EXAMPLES
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run, _parser=sub)
     return parser
+
+
+def command_name(argv: Sequence[str]) -> str | None:
+    """The command named in `argv` (the first word that is not a flag; top-level flags take no values)."""
+    for token in argv:
+        if token == "--":
+            return None
+        if token.startswith("-"):
+            continue
+        if token in COMMANDS:
+            return token
+        close = difflib.get_close_matches(token, list(COMMANDS), n=1)
+        suggestion = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UsageError(
+            f"unknown command '{token}'{suggestion}; choose one of: {', '.join(COMMANDS)} (see 'hf-wemoe --help')"
+        )
+    return None
 
 
 def _quiet_libraries() -> None:
     """Keep the libraries' per-load progress bars and advisory warnings out of the command's output."""
+    # Imported here, not at the top: only a command that runs needs them, not --help.
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
@@ -42,20 +84,41 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def main(argv: list[str] | None = None) -> int:
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show `FutureWarning`s (deprecated option names) as one `warning: ...` line on stderr."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def one_line(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+            if issubclass(category, FutureWarning):
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = one_line
+        yield
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if not args.verbose:
-        _quiet_libraries()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        command = command_name(argv)
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+    except WEMoEError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    set_verbosity(quiet=args.quiet, verbose=args.verbose)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        if not args.verbose:
+            _quiet_libraries()
+        with _one_line_warnings():
+            return int(args._run(args) or 0)
     except WEMoEError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

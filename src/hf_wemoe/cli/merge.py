@@ -1,10 +1,22 @@
-"""``hf-wemoe merge``: build a WEMoE / E-WEMoE model, or a static merge, from a base and its experts."""
+"""``hf-wemoe merge``: build a WEMoE / E-WEMoE model, or a static merge, from a base and its experts.
+
+The flags come from two typed objects: the recipe (`hf_wemoe.merging.recipe.MergeRecipe`: what is merged and
+how, exactly what `merge_config.yaml` records) and the run options (`MergeRunOptions`: where the result goes and
+whether it is pushed). `--config` reads a YAML file with the names of either.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from hf_wemoe.merging.recipe import add_arguments
+from pydantic import ConfigDict, Field
+
+from hf_wemoe.cli.options import add_config_option, add_options, resolve_options
+from hf_wemoe.cli.push import PushToHubOptions, check_push_target, push_output
+from hf_wemoe.hub.push import PushResult
+from hf_wemoe.merging.recipe import MergeRecipe, method_option_help
+from hf_wemoe.workflows.merge import MergeSummary, run_merge
 
 DESCRIPTION = """\
 Merge CLIP vision experts fine-tuned from one base model. The default method, wemoe, writes a
@@ -12,10 +24,12 @@ weight-ensembling mixture-of-experts model (config, safetensors weights, model c
 merge_config.yaml and a model card) that AutoModel loads with trust_remote_code=True; the static methods
 write a plain CLIPVisionModel. REF is a Hub repo id with an optional @revision (org/name@revision) or a
 local folder; checkpoints may be CLIPVisionModel (transformers 4 or 5 layout) or full CLIPModel.
+merge_config.yaml records the recipe (sources pinned to the revisions read, method and options, shard size);
+--config reads it back.
 """
 
-EPILOG = """\
-example:
+EXAMPLES = """\
+examples:
   hf-wemoe merge --base openai/clip-vit-base-patch32 \\
       --expert mnist=tanganke/clip-vit-base-patch32_mnist \\
       --expert svhn=tanganke/clip-vit-base-patch32_svhn --output wemoe-vit-b32
@@ -25,25 +39,62 @@ example:
 """
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "merge",
-        help="merge fine-tuned CLIP vision experts (WEMoE, E-WEMoE, task arithmetic, TIES, averaging)",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+class MergeRunOptions(PushToHubOptions):
+    """How one merge runs, apart from its recipe: the output folder and whether it is pushed to the Hub."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: Path | None = Field(
+        default=None,
+        description="folder to write the merged model to (written beside it under a temporary name and "
+        "renamed when complete)",
+        json_schema_extra={"metavar": "DIR", "required": True},
     )
-    add_arguments(parser)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars (default: off)")
-    return parser
+    overwrite: bool = Field(default=False, description="replace the output folder if it exists")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_option(
+        parser, "e.g. the merge_config.yaml of a merged model (base, experts as NAME: REF, ...)"
+    )
+    notes: dict[str, str] = {}
+    defaults: dict[str, str] = {}
+    for name in MergeRecipe.model_fields:
+        note, default = method_option_help(name)
+        notes[name] = note
+        if default is not None:
+            defaults[name] = default
+    add_options(
+        parser,
+        [MergeRecipe, MergeRunOptions],
+        first=["base", "experts", "output", "method"],
+        notes=notes,
+        default_texts=defaults,
+    )
+
+
+def merge(
+    recipe: MergeRecipe, run_options: MergeRunOptions, show_progress: bool | None = None
+) -> tuple[MergeSummary, PushResult | None]:
+    """Merge, then push when `run_options.push_to_hub` is set: the summary and the push result (or None).
+
+    The repo id and the token are checked before merging; a failed push keeps the merged folder and says how to
+    retry.
+    """
+    check_push_target(run_options)
+    summary = run_merge(
+        recipe, run_options.output, overwrite=run_options.overwrite, show_progress=show_progress
+    )
+    pushed = push_output(
+        summary.output, run_options, done=f"merged into {summary.output}", show_progress=show_progress
+    )
+    return summary, pushed
 
 
 def run(args: argparse.Namespace) -> int:
-    from hf_wemoe.merging.recipe import options_from_args
-    from hf_wemoe.workflows.merge import run_merge
-
-    summary = run_merge(options_from_args(args), show_progress=False if args.quiet else None)
+    recipe, run_options = resolve_options(args, MergeRecipe, MergeRunOptions)
+    summary, pushed = merge(recipe, run_options, show_progress=False if args.quiet else None)
     print(summary.line())
-    if summary.push is not None:
-        print(summary.push.line())
+    if pushed is not None:
+        print(pushed.line())
     return 0

@@ -1,14 +1,27 @@
-"""``hf-wemoe train``: adapt the routers of a WEMoE model on unlabelled task data."""
+"""``hf-wemoe train``: adapt the routers of a WEMoE model on unlabelled task data, and optionally push it."""
 
 from __future__ import annotations
 
 import argparse
 
-from hf_wemoe.cli.options import add_options, resolve_options
+from hf_wemoe.cli.options import add_config_option, add_options, resolve_options
+from hf_wemoe.cli.push import PushToHubOptions, check_push_target, push_output
+from hf_wemoe.evaluation import markdown_table
+from hf_wemoe.hub.push import PushResult
+from hf_wemoe.workflows.train import TrainConfig, TrainSummary, run_train
 from hf_wemoe.zeroshot.data import DATASET_REF_HELP
 from hf_wemoe.zeroshot.templates import TEMPLATES_HELP
 
-_EXAMPLES = """\
+DESCRIPTION = (
+    "Train only the routers of a WEMoE model: every step takes one batch from every task and minimises the "
+    "entropy of the zero-shot predictions (or the cross-entropy with --objective supervised). Writes the "
+    "adapted model, eval_results.json and routing.png to --output.\n\n"
+    + DATASET_REF_HELP
+    + "\n\n"
+    + TEMPLATES_HELP
+)
+
+EXAMPLES = """\
 examples:
   hf-wemoe train --model wemoe-vit-b32 --task sun397=tanganke/sun397 --task svhn=ufldl-stanford/svhn:cropped_digits \\
       --output wemoe-vit-b32-tta
@@ -17,55 +30,43 @@ examples:
 """
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    from hf_wemoe.workflows.train_eval import TrainConfig
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_option(parser)
+    add_options(parser, [TrainConfig, PushToHubOptions], first=["model", "task", "output"])
 
-    parser = subparsers.add_parser(
-        "train",
-        help="adapt the routers of a WEMoE model (test-time adaptation by entropy minimisation)",
-        description=(
-            "Train only the routers of a WEMoE model: every step takes one batch from every task and minimises the "
-            "entropy of the zero-shot predictions (or the cross-entropy with --objective supervised). Writes the "
-            "adapted model, eval_results.json and routing.png to --output.\n\n"
-            + DATASET_REF_HELP
-            + "\n\n"
-            + TEMPLATES_HELP
-        ),
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+
+def train(
+    config: TrainConfig, hub: PushToHubOptions, progress: bool = True
+) -> tuple[TrainSummary, PushResult | None]:
+    """Adapt the routers, then push the adapted folder when `hub.push_to_hub` is set (main process only).
+
+    The repo id and the token are checked before training; a failed push keeps the folder and says how to retry.
+    """
+    check_push_target(hub)
+    summary = run_train(config, progress=progress)
+    if not summary.is_main_process or summary.output is None:
+        return summary, None
+    pushed = push_output(
+        summary.output,
+        hub,
+        done=f"saved the adapted model to {summary.output}",
+        show_progress=None if progress else False,
     )
-    parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    add_options(
-        parser,
-        TrainConfig,
-        first=["model", "task", "output"],
-        metavars={"task": "NAME=DATASET", "model": "REF", "report_to": "TRACKER", "push_to_hub": "ORG/NAME"},
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
+    return summary, pushed
 
 
 def run(args: argparse.Namespace) -> int:
-    from hf_wemoe.evaluation import markdown_table
-    from hf_wemoe.workflows.train_eval import TrainConfig, run_train
-    from hf_wemoe.zeroshot.classifier import parse_named
-
-    config = resolve_options(
-        TrainConfig, args, args.config, convert={"task": lambda values: parse_named(values, "--task")}
-    )
-    summary = run_train(config, progress=not args.quiet)
-    if not summary["is_main_process"]:
+    config, hub = resolve_options(args, TrainConfig, PushToHubOptions)
+    summary, pushed = train(config, hub, progress=not args.quiet)
+    if not summary.is_main_process:
         return 0
-    print(
-        f"adapted routers for {summary['steps']} steps on {len(config.task)} tasks "
-        f"({summary['processes']} process(es), {summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f})"
-    )
-    if summary["result"] is not None:
-        rows = [("adapted", summary["result"].accuracy)]
-        if summary.get("baseline") is not None:
-            rows.insert(0, ("before adaptation", summary["baseline"].accuracy))
-        print(markdown_table(rows, list(summary["result"].accuracy)))
-    print(f"saved to {summary['output']}")
-    if summary.get("push") is not None:
-        print(summary["push"].line())
+    print(summary.line())
+    if summary.result is not None:
+        rows = [("adapted", summary.result.accuracy)]
+        if summary.baseline is not None:
+            rows.insert(0, ("before adaptation", summary.baseline.accuracy))
+        print(markdown_table(rows, list(summary.result.accuracy)))
+    print(f"saved to {summary.output}")
+    if pushed is not None:
+        print(pushed.line())
     return 0

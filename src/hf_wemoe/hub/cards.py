@@ -267,7 +267,7 @@ def _recipe(
         "sparsity": sparsity,
         "shared_router": shared,
         "routing": vision_config.get("routing", "sample"),
-        "dtype": vision_config.get("task_vector_dtype", "float32"),
+        "task_vector_dtype": vision_config.get("task_vector_dtype", "float32"),
     }
     return recipe, None
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.utils.formatting import format_size
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ class PushResult:
 
     def line(self) -> str:
         """A one-line summary for the command line."""
-        from hf_wemoe.workflows.merge import format_size
-
         return (
             f"pushed {len(self.files)} files ({format_size(self.size_bytes)}) to {self.url} "
             f"({'new repo' if self.created else 'existing repo'}), commit {self.commit_oid[:12]}: {self.commit_url}"

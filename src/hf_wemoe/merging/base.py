@@ -30,7 +30,7 @@ class MergeJob:
     """Everything a method needs to write a merged model: resolved options, opened sources, provenance."""
 
     options: Any
-    """The resolved `MergeOptions` of the merge."""
+    """The resolved `MergeRecipe` of the merge."""
     base: ModelSource
     experts: dict[str, ModelSource]
     provenance: dict[str, Any]
@@ -49,7 +49,7 @@ class MergeMethod(ABC):
     summary: ClassVar[str]
     """One line saying what the method computes (shown in `--help` and in the model card)."""
     parameters: ClassVar[tuple[str, ...]] = ()
-    """Names of the method options (fields of `MergeOptions`) this method reads."""
+    """Names of the method options (fields of `MergeRecipe`) this method reads."""
     defaults: ClassVar[dict[str, Any]] = {}
     """This method's values for options whose default depends on the method (their field default is None)."""
     card_template: ClassVar[str]

@@ -1,29 +1,41 @@
-"""The options of a merge: one typed model read from command-line flags, a YAML file, or both.
+"""The merge recipe: what a merge computes, as one typed object that `merge_config.yaml` holds.
 
-`MergeOptions` is the single definition: the `hf-wemoe merge` flags are generated from its fields (names, types,
-choices, help and defaults), `--config FILE.yaml` takes the same field names, and a finished merge writes its
-recipe back as the same YAML (`merge_config.yaml`). Flags given on the command line override the file.
+`MergeRecipe` is the base model, the experts, the method and the method's parameters, plus the options that
+change the written bytes (`max_shard_size`) or what is read (`allow_pickle`, `full_clip`). A finished merge
+writes it back as `merge_config.yaml`, and `hf-wemoe merge --config merge_config.yaml` rebuilds the same weights.
+Where the output goes and whether it is pushed are run options of the command, not part of the recipe.
+
+The field names are the names of the same knobs everywhere: the `hf-wemoe merge` flags (`--task-vector-dtype`),
+the YAML keys and the WEMoE config fields. Earlier names are accepted with a `FutureWarning` (see
+`DEPRECATED_NAMES`).
 """
 
 from __future__ import annotations
 
-import argparse
 import re
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.merging.base import MergeMethod
 from hf_wemoe.merging.registry import get_method, merge_methods
+from hf_wemoe.models.configuration_wemoe import ROUTER_DEPTHS, ROUTING_MODES, TASK_VECTOR_DTYPES
+from hf_wemoe.utils.config_files import (
+    describe_validation_error,
+    flag_of,
+    load_yaml_mapping,
+    rename_deprecated,
+)
 from hf_wemoe.utils.formatting import parse_size
 
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
+# The allowed values are the model config's own, so the recipe cannot accept what the config refuses.
+RouterDepth = Literal[ROUTER_DEPTHS]  # type: ignore[valid-type]
+RoutingMode = Literal[ROUTING_MODES]  # type: ignore[valid-type]
+TaskVectorDtype = Literal[TASK_VECTOR_DTYPES]  # type: ignore[valid-type]
 
 
 def _method_option(**extra: Any) -> dict[str, Any]:
@@ -40,8 +52,8 @@ def parse_expert(text: str) -> tuple[str, str]:
     return name.strip(), ref.strip()
 
 
-class MergeOptions(BaseModel):
-    """Options of `hf-wemoe merge`, shared by its flags, `--config FILE.yaml` and the saved `merge_config.yaml`.
+class MergeRecipe(BaseModel):
+    """What a merge computes: sources, method and method options (`merge_config.yaml` holds exactly this).
 
     Method options (marked in their field metadata) apply only to the methods that declare them; giving one to
     another method is an error. `sparsity` and `shared_router` default to `None`, meaning the method's own
@@ -49,6 +61,13 @@ class MergeOptions(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    DEPRECATED_NAMES: ClassVar[dict[str, str]] = {
+        "dtype": "task_vector_dtype",
+        "init_lambda": "scaling",
+        "task_vector_sparsity": "sparsity",
+    }
+    """Earlier option names (flags, YAML keys, config fields) -> their current names."""
 
     base: str = Field(
         description="the pretrained model the experts were fine-tuned from: a Hub repo id with an optional "
@@ -61,12 +80,6 @@ class MergeOptions(BaseModel):
         "order. Given on the command line, these replace the experts of --config",
         json_schema_extra={"flag": "--expert", "metavar": "NAME=REF", "required": True},
     )
-    output: Path | None = Field(
-        default=None,
-        description="folder to write the merged model to (written beside it under a temporary name and "
-        "renamed when complete)",
-        json_schema_extra={"metavar": "DIR", "required": True},
-    )
     method: str = Field(default="wemoe", description="merge method", json_schema_extra={"metavar": "METHOD"})
     scaling: float = Field(
         default=0.3,
@@ -74,7 +87,7 @@ class MergeOptions(BaseModel):
         "non-MLP weights and router initialisation)",
         json_schema_extra=_method_option(metavar="LAMBDA"),
     )
-    router_depth: Literal[0, 1, 2] = Field(
+    router_depth: RouterDepth = Field(
         default=2,
         description="router per MoE layer: 0 a learned vector of routing weights, 1 one linear layer, 2 "
         "linear-ReLU-linear",
@@ -92,15 +105,15 @@ class MergeOptions(BaseModel):
         description="one router shared by all MoE layers (each layer still routes its own tokens)",
         json_schema_extra=_method_option(),
     )
-    routing: Literal["sample", "batch"] = Field(
+    routing: RoutingMode = Field(
         default="sample",
         description="sample: every input gets its own merged MLP; batch: routing weights are averaged over "
         "the batch",
         json_schema_extra=_method_option(),
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    task_vector_dtype: TaskVectorDtype = Field(
         default="float32",
-        description="storage dtype of the task vectors",
+        description="storage dtype of the task vectors (formerly --dtype)",
         json_schema_extra=_method_option(),
     )
     ties_keep: float = Field(
@@ -126,33 +139,35 @@ class MergeOptions(BaseModel):
         description="accept checkpoints that only have pickle weights (pytorch_model.bin); unpickling files "
         "from untrusted sources can execute arbitrary code, they are loaded with torch.load(weights_only=True)",
     )
-    overwrite: bool = Field(default=False, description="replace the output folder if it exists")
     full_clip: bool = Field(
         default=False,
         description="write a full CLIP model: the base's text tower, projections and tokenizer with the merged "
         "vision tower, for zero-shot image classification pipelines and widgets (the base must be a full CLIP "
         "checkpoint)",
     )
-    push_to_hub: str | None = Field(
-        default=None,
-        description="after merging, push the output folder to this Hub model repo (created when missing) in one "
-        "commit, with a model card",
-        json_schema_extra={"metavar": "ORG/NAME"},
-    )
-    private: bool = Field(default=False, description="create the --push-to-hub repo as private")
 
     # ------------------------------------------------------------------------------------------ validation
+
+    @model_validator(mode="before")
+    @classmethod
+    def _current_names(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            return rename_deprecated(values, cls.DEPRECATED_NAMES)
+        return values
 
     @field_validator("experts", mode="before")
     @classmethod
     def _experts_from_list(cls, value: Any) -> Any:
-        # The YAML file may list experts as NAME=REF strings, like the flags.
+        # Flags and YAML files may list experts as NAME=REF strings.
         if isinstance(value, (list, tuple)):
             experts: dict[str, str] = {}
             for item in value:
                 if not isinstance(item, str):
                     raise ValueError(f"expected NAME=REF strings or a NAME: REF mapping, got {item!r}")
-                name, ref = parse_expert(item)
+                try:
+                    name, ref = parse_expert(item)
+                except WEMoEError as err:
+                    raise ValueError(str(err)) from None
                 if name in experts:
                     raise ValueError(f"expert name '{name}' is given twice; expert names must be unique")
                 experts[name] = ref
@@ -188,7 +203,7 @@ class MergeOptions(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _check_required(self) -> MergeOptions:
+    def _check_required(self) -> MergeRecipe:
         if not self.experts:
             raise ValueError("no experts: pass at least one --expert NAME=REF")
         return self
@@ -196,47 +211,46 @@ class MergeOptions(BaseModel):
     # ------------------------------------------------------------------------------------------ construction
 
     @classmethod
-    def from_values(cls, values: dict[str, Any]) -> MergeOptions:
-        """Validate a mapping of option values; errors become one-line `WEMoEError`s naming the option."""
+    def from_values(cls, values: dict[str, Any]) -> MergeRecipe:
+        """Validate a mapping of recipe values; errors become one-line `WEMoEError`s naming the option."""
         try:
             return cls.model_validate(values)
         except ValidationError as err:
-            raise WEMoEError(_describe_validation_error(err)) from None
+            raise WEMoEError(describe_validation_error(err, cls)) from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> MergeOptions:
-        """Options from a YAML file (same field names), with `overrides` taking precedence."""
-        return cls.from_values({**load_yaml(path), **(overrides or {})})
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> MergeRecipe:
+        """The recipe in a YAML file (e.g. a `merge_config.yaml`), with `overrides` taking precedence."""
+        return cls.from_values({**load_yaml_mapping(path), **(overrides or {})})
 
     @property
     def method_class(self) -> type[MergeMethod]:
         """The registered class of `method`."""
         return get_method(self.method)
 
-    def resolved(self) -> MergeOptions:
+    def resolved(self) -> MergeRecipe:
         """Check that every explicitly given method option applies to the method; fill method defaults."""
         method = self.method_class
         given = [
-            name
-            for name in self.model_fields_set
-            if _is_method_option(name) and name not in method.parameters
+            name for name in self.model_fields_set if is_method_option(name) and name not in method.parameters
         ]
         given = [name for name in given if getattr(self, name) is not None]
         if given:
-            uses = ", ".join(_flag(name) for name in method.parameters) or "none"
+            uses = ", ".join(flag_of(MergeRecipe, name) for name in method.parameters) or "none"
             verb = "does" if len(given) == 1 else "do"
             raise WEMoEError(
-                f"{', '.join(_flag(name) for name in sorted(given))} {verb} not apply to --method "
+                f"{', '.join(flag_of(MergeRecipe, name) for name in sorted(given))} {verb} not apply to --method "
                 f"{self.method} (its options: {uses})"
             )
         updates = {name: value for name, value in method.defaults.items() if getattr(self, name) is None}
         return self.model_copy(update=updates)
 
-    def recipe(self, base: str | None = None, experts: dict[str, str] | None = None) -> dict[str, Any]:
-        """The merge as a YAML-ready mapping: sources (optionally pinned), method, and the method's options.
+    def to_yaml_dict(self, base: str | None = None, experts: dict[str, str] | None = None) -> dict[str, Any]:
+        """The recipe as a YAML-ready mapping: sources (optionally pinned), method, the method's options, and
+        the options that change the written files.
 
-        Only what determines the weights is kept (not the output folder or where it is pushed); call on resolved
-        options so every method option is explicit.
+        Call on resolved recipes so every method option is explicit. `allow_pickle` and `full_clip` appear only
+        when on, as in recipes written before `max_shard_size` was recorded.
         """
         recipe: dict[str, Any] = {
             "base": base or self.base,
@@ -245,6 +259,7 @@ class MergeOptions(BaseModel):
         }
         for name in self.method_class.parameters:
             recipe[name] = getattr(self, name)
+        recipe["max_shard_size"] = self.max_shard_size
         if self.allow_pickle:
             recipe["allow_pickle"] = True
         if self.full_clip:
@@ -252,90 +267,25 @@ class MergeOptions(BaseModel):
         return recipe
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# YAML
+def is_method_option(name: str) -> bool:
+    """Whether `name` is a method option (applies only to the methods that list it in `parameters`)."""
+    info = MergeRecipe.model_fields.get(name)
+    extra = (info.json_schema_extra if info is not None else None) or {}
+    return isinstance(extra, dict) and bool(extra.get("method_option"))
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses duplicate keys (the default silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    mapping = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"duplicate key {key!r} (expert names and options must be unique)",
-                key_node.start_mark,
-            )
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a merge config file."""
-    path = Path(path)
-    try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
-    except OSError as err:
-        raise WEMoEError(f"cannot read config file '{path}': {err.strerror or err}") from err
-    except yaml.YAMLError as err:
-        raise WEMoEError(f"invalid YAML in '{path}': {' '.join(str(err).split())}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise WEMoEError(f"'{path}' must hold a mapping of merge options, found {type(data).__name__}")
-    # Option names may be written as on the command line (router-depth) or as fields (router_depth).
-    return {str(key).replace("-", "_"): value for key, value in data.items()}
-
-
-def dump_yaml(recipe: dict[str, Any], header: str = "") -> str:
-    """YAML text of a recipe, in field order, with an optional comment header."""
-    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
-    return comment + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _is_method_option(name: str) -> bool:
-    extra = MergeOptions.model_fields[name].json_schema_extra or {}
-    return bool(extra.get("method_option"))
-
-
-def _flag(name: str) -> str:
-    extra = MergeOptions.model_fields[name].json_schema_extra or {}
-    return extra.get("flag", "--" + name.replace("_", "-"))
-
-
-def _plain_type(annotation: Any) -> Any:
-    """The annotation without `None` (for `X | None`)."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        return args[0] if len(args) == 1 else annotation
-    return annotation
-
-
-def _default_text(name: str) -> str:
-    """The default shown in --help; for method-dependent defaults, each method's."""
-    info = MergeOptions.model_fields[name]
-    if info.is_required() or (info.json_schema_extra or {}).get("required"):
-        return "required, as a flag or in --config"
-    if info.default is None and _is_method_option(name):
-        values = [
-            f"{_format(method.defaults.get(name))} for {method.name}"
-            for method in merge_methods().values()
-            if name in method.parameters
-        ]
-        return ", ".join(values)
-    return _format(info.default)
+def method_option_help(name: str) -> tuple[str, str | None]:
+    """For `--help`: the methods that use option `name` (" [wemoe, e-wemoe]") and, for a method-dependent
+    default (field default None), each method's default ("0.0 for wemoe, 0.9 for e-wemoe"), else None."""
+    if name == "method":
+        return ": " + "; ".join(f"{m.name} ({m.summary})" for m in merge_methods().values()), None
+    if not is_method_option(name):
+        return "", None
+    users = [m for m in merge_methods().values() if name in m.parameters]
+    note = f" [{', '.join(m.name for m in users)}]"
+    if MergeRecipe.model_fields[name].default is None:
+        return note, ", ".join(f"{_format(m.defaults.get(name))} for {m.name}" for m in users)
+    return note, None
 
 
 def _format(value: Any) -> str:
@@ -344,86 +294,4 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def _help(name: str) -> str:
-    info = MergeOptions.model_fields[name]
-    text = info.description or ""
-    if name == "method":
-        text += ": " + "; ".join(f"{m.name} ({m.summary})" for m in merge_methods().values())
-    if _is_method_option(name):
-        users = [m.name for m in merge_methods().values() if name in m.parameters]
-        text += f" [{', '.join(users)}]"
-    default = _default_text(name)
-    suffix = f"({default})" if default.startswith("required") else f"(default: {default})"
-    return f"{text} {suffix}".replace("%", "%%")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per `MergeOptions` field (plus `--config`) to `parser`.
-
-    Every flag defaults to "not given" so that `options_from_args` can tell given flags from file values.
-    """
-    parser.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE.yaml",
-        help="read options from a YAML file with the same names (base, experts as NAME: REF, method, scaling, "
-        "...), e.g. the merge_config.yaml of a merged model; flags given here override it",
-    )
-    for name, info in MergeOptions.model_fields.items():
-        extra = info.json_schema_extra or {}
-        kind = _plain_type(info.annotation)
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(name)}
-        if name == "experts":
-            kwargs.update(action="append", metavar=extra["metavar"])
-        elif kind is bool:
-            # Tri-state options (default None) get --x/--no-x; plain switches only --x.
-            kwargs["action"] = argparse.BooleanOptionalAction if info.default is None else "store_true"
-        elif typing.get_origin(kind) is Literal:
-            choices = list(typing.get_args(kind))
-            kwargs.update(choices=choices, type=type(choices[0]))
-        elif name == "method":
-            kwargs.update(choices=list(merge_methods()))
-        else:
-            kwargs.update(type=kind if kind in (int, float) else str, metavar=extra.get("metavar"))
-        parser.add_argument(_flag(name), **kwargs)
-
-
-def options_from_args(args: argparse.Namespace) -> MergeOptions:
-    """`MergeOptions` from parsed flags, over the values of `--config` when given."""
-    values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
-    given = {name: getattr(args, name) for name in MergeOptions.model_fields if hasattr(args, name)}
-    if "experts" in given:
-        experts: dict[str, str] = {}
-        for item in given["experts"]:
-            name, ref = parse_expert(item)
-            if name in experts:
-                raise WEMoEError(f"expert name '{name}' is given twice; expert names must be unique")
-            experts[name] = ref
-        given["experts"] = experts
-    values.update(given)
-    if "base" not in values:
-        raise WEMoEError(
-            "no base model: pass --base REF (the pretrained model the experts were fine-tuned from)"
-        )
-    return MergeOptions.from_values(values)
-
-
-def _describe_validation_error(err: ValidationError) -> str:
-    """One line for the first problem of a pydantic error, naming the option as a flag."""
-    problem = err.errors()[0]
-    location = [str(part) for part in problem.get("loc", ())]
-    message = problem.get("msg", "invalid value").removeprefix("Value error, ")
-    if not location:
-        return message
-    name = location[0]
-    if name not in MergeOptions.model_fields:
-        return f"unknown option '{name}'; valid options: {', '.join(MergeOptions.model_fields)}"
-    what = f"{_flag(name)} ({name})" if name != "experts" else "--expert (experts)"
-    if problem.get("type") == "missing":
-        return f"{what} is required"
-    if "input" in problem and problem.get("type") != "value_error":
-        return f"invalid {what}: {message} (got {problem['input']!r})"
-    return f"invalid {what}: {message}"
-
-
-__all__ = ["MergeOptions", "add_arguments", "dump_yaml", "load_yaml", "options_from_args", "parse_size"]
+__all__ = ["MergeRecipe", "is_method_option", "method_option_help", "parse_expert"]

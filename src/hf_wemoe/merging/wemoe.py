@@ -146,21 +146,24 @@ class WEMoE(MergeMethod):
 
     name = "wemoe"
     summary = "weight-ensembling mixture of experts: routed MLPs, task arithmetic elsewhere"
-    parameters = ("scaling", "router_depth", "sparsity", "shared_router", "routing", "dtype", "seed")
+    parameters = ("scaling", "router_depth", "sparsity", "shared_router", "routing", "task_vector_dtype", "seed")
     defaults: ClassVar[dict] = {"sparsity": 0.0, "shared_router": False}
     card_template = "wemoe.md"
     tags = ("wemoe", "mixture-of-experts")
 
     def write(self, job: MergeJob, folder: Path) -> None:
         options = self.options
+        # The recipe's names are the config's names (`scaling`, `sparsity`); configs that predate the rename
+        # call them `init_lambda` and `task_vector_sparsity`.
+        renamed = "scaling" in WEMoECLIPVisionConfig.__dataclass_fields__
         config = wemoe_config(
             job.base.config,
             list(job.experts),
-            init_lambda=options.scaling,
+            **{"scaling" if renamed else "init_lambda": options.scaling},
+            **{"sparsity" if renamed else "task_vector_sparsity": options.sparsity},
             router_depth=options.router_depth,
             shared_router=options.shared_router,
-            task_vector_sparsity=options.sparsity,
-            task_vector_dtype=options.dtype,
+            task_vector_dtype=options.task_vector_dtype,
             routing=options.routing,
             base_model_ref=job.base.reference.text,
             expert_refs=[source.reference.text for source in job.experts.values()],

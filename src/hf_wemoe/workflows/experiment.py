@@ -20,7 +20,7 @@ import torch
 
 from hf_wemoe.adaptation import TrainOptions, adapt_routers
 from hf_wemoe.evaluation import evaluate_tasks
-from hf_wemoe.merging.recipe import MergeOptions
+from hf_wemoe.merging.recipe import MergeRecipe
 from hf_wemoe.workflows.merge import run_merge
 from hf_wemoe.zeroshot.classifier import (
     ClassificationTask,
@@ -143,14 +143,9 @@ def run_experiment(
         output = workdir / method
         merge_options = {"scaling": options.scaling} if method != "average" else {}
         run_merge(
-            MergeOptions(
-                base=suite.base,
-                experts=experts,
-                output=output,
-                method=method,
-                overwrite=True,
-                **merge_options,
-            ),
+            MergeRecipe(base=suite.base, experts=experts, method=method, **merge_options),
+            output,
+            overwrite=True,
             show_progress=False,
         )
         vision, _ = load_vision_model(str(output))
@@ -161,14 +156,9 @@ def run_experiment(
         timed(f"merging with {method} and adapting its routers ({options.train.steps} steps)")
         merged = workdir / method
         run_merge(
-            MergeOptions(
-                base=suite.base,
-                experts=experts,
-                output=merged,
-                method=method,
-                scaling=options.scaling,
-                overwrite=True,
-            ),
+            MergeRecipe(base=suite.base, experts=experts, method=method, scaling=options.scaling),
+            merged,
+            overwrite=True,
             show_progress=False,
         )
         vision, _ = load_vision_model(str(merged))

@@ -2,8 +2,8 @@
 
 The output is written into a temporary folder beside the target (`<output>.tmp-XXXX`) and renamed into place at
 the end, so a failed or interrupted merge leaves no partial output behind. With `full_clip`, the merged vision
-tower is combined with the base's text tower into a full CLIP model; with `push_to_hub`, the finished folder is
-pushed to the Hub (see `hf_wemoe.hub.push`).
+tower is combined with the base's text tower into a full CLIP model. The workflow never pushes: `hf-wemoe merge
+--push-to-hub` pushes the finished folder afterwards (see `hf_wemoe.hub.push`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from hf_wemoe.hub.cards import merge_card
 from hf_wemoe.io.sources import ModelSource, open_source, parse_reference
 from hf_wemoe.io.weights import count_parameters, folder_size
 from hf_wemoe.merging.base import MergeJob, Progress, no_progress
-from hf_wemoe.merging.recipe import MergeOptions, dump_yaml
+from hf_wemoe.merging.recipe import MergeRecipe
+from hf_wemoe.utils.config_files import dump_yaml
 from hf_wemoe.utils.formatting import format_size, parse_size
 from hf_wemoe.workflows.full_clip import base_license, check_full_clip_base, write_full_clip
 
@@ -56,8 +57,6 @@ class MergeSummary:
     parameters: int
     size_bytes: int
     seconds: float
-    push: Any = None
-    """The `hf_wemoe.hub.push.PushResult` when the output was pushed to the Hub."""
 
     def line(self) -> str:
         """A one-line summary for the command line."""
@@ -108,30 +107,32 @@ def check_compatible(base: ModelSource, experts: dict[str, ModelSource]) -> None
                 )
 
 
-def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> MergeSummary:
-    """Merge the experts of `options` into its base and write the result to `options.output`.
+def run_merge(
+    recipe: MergeRecipe,
+    output: str | Path | None,
+    *,
+    overwrite: bool = False,
+    show_progress: bool | None = None,
+) -> MergeSummary:
+    """Merge the experts of `recipe` into its base and write the result to the folder `output`.
 
     Args:
-        options: the merge options (flags and/or YAML); method defaults are filled in here.
+        recipe: what to merge and how (flags and/or YAML); method defaults are filled in here.
+        output: the folder to write; it appears complete or not at all.
+        overwrite: replace `output` if it exists (only once the new folder is complete).
         show_progress: draw progress bars on stderr; by default only when stderr is a terminal.
 
     Raises:
-        WEMoEError: bad options, an existing output without `overwrite`, unreadable sources (`SourceError`),
-            experts that do not match the base (`IncompatibleModelsError`), a base without text tower for
-            `full_clip`, a malformed `push_to_hub` repo id or no token (checked before merging), a failed push
-            (the merged folder is kept).
+        WEMoEError: bad options, no output, an existing output without `overwrite`, unreadable sources
+            (`SourceError`), experts that do not match the base (`IncompatibleModelsError`), a base without text
+            tower for `full_clip`.
     """
     start = time.perf_counter()
-    options = options.resolved()
-    if options.output is None:
+    options = recipe.resolved()
+    if output is None:
         raise WEMoEError("no output folder: pass --output DIR")
-    output = Path(options.output).expanduser().absolute()
-    _check_output(output, options)
-    if options.push_to_hub:
-        from hf_wemoe.hub.push import check_repo_id, check_token
-
-        check_repo_id(options.push_to_hub)
-        check_token()
+    output = Path(output).expanduser().absolute()
+    _check_output(output, options, overwrite)
     show_progress = sys.stderr.isatty() if show_progress is None else show_progress
     progress: Progress = tqdm_progress if show_progress else no_progress
 
@@ -143,11 +144,11 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
         check_compatible(base, experts)
         if options.full_clip:
             check_full_clip_base(base)
-        recipe = options.recipe(
+        recorded = options.to_yaml_dict(
             base=base.reference.pinned(base.commit),
             experts={name: source.reference.pinned(source.commit) for name, source in experts.items()},
         )
-        provenance = _provenance(base, experts, recipe)
+        provenance = _provenance(base, experts, recorded)
         method = options.method_class(options)
         job = MergeJob(options=options, base=base, experts=experts, provenance=provenance, progress=progress)
         with _staging_folder(output) as staging:
@@ -163,7 +164,7 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
                 shutil.copyfile(base.preprocessor_config, staging / PREPROCESSOR_NAME)
             (staging / MERGE_CONFIG_NAME).write_text(
                 dump_yaml(
-                    recipe,
+                    recorded,
                     header=f"hf-wemoe merge recipe ({method.name}). Sources are pinned to the revisions that "
                     "were read.\nRebuild identical weights with: hf-wemoe merge --config merge_config.yaml "
                     "--output DIR",
@@ -179,18 +180,6 @@ def run_merge(options: MergeOptions, *, show_progress: bool | None = None) -> Me
         size_bytes=folder_size(output),
         seconds=time.perf_counter() - start,
     )
-    if options.push_to_hub:
-        from hf_wemoe.hub.push import push_folder
-
-        try:
-            summary.push = push_folder(
-                output, options.push_to_hub, private=options.private, show_progress=show_progress
-            )
-        except WEMoEError as err:
-            raise WEMoEError(
-                f"merged into {output}, but the push failed: {err} (retry with: hf-wemoe push {output} "
-                f"--repo-id {options.push_to_hub})"
-            ) from err
     return summary
 
 
@@ -210,12 +199,12 @@ def _provenance(base: ModelSource, experts: dict[str, ModelSource], recipe: dict
     return provenance
 
 
-def _check_output(output: Path, options: MergeOptions) -> None:
+def _check_output(output: Path, options: MergeRecipe, overwrite: bool) -> None:
     """Refuse an existing output without overwrite, a file in the way, or an output that holds a source."""
     if output.exists() or output.is_symlink():
         if not output.is_dir():
             raise WEMoEError(f"output '{output}' exists and is not a folder; choose another --output")
-        if not options.overwrite:
+        if not overwrite:
             raise WEMoEError(f"output folder '{output}' already exists; pass --overwrite to replace it")
     for ref in [options.base, *options.experts.values()]:
         try:

@@ -1,0 +1,55 @@
+"""The `hf-wemoe eval` workflow: load a model and its tasks, measure top-1 accuracy, write it as JSON."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from hf_wemoe.evaluation import EvalResult, evaluate_tasks, markdown_table, write_results
+from hf_wemoe.models.configuration_wemoe import ROUTING_MODES
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.workflows.tasks import TaskOptions, load_tasks, routing_mode
+
+RoutingMode = Literal[ROUTING_MODES]  # type: ignore[valid-type]
+
+
+class EvalConfig(TaskOptions):
+    """`hf-wemoe eval` options (the same fields in a YAML file given with --config)."""
+
+    routing: RoutingMode | None = Field(
+        None, description="routing mode", json_schema_extra={"default_text": "the model's"}
+    )
+    output_json: str = Field("eval_results.json", description="where to write the results as JSON")
+
+
+def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
+    """Evaluate a WEMoE or plain CLIP vision model; prints nothing, returns the result and writes the JSON."""
+    classifier, tasks, _ = load_tasks(config, require_labels=True)
+    if config.routing and isinstance(classifier.vision_model, WEMoECLIPVisionModel):
+        classifier.vision_model.config.routing = config.routing
+    device = config.device or default_device()
+    classifier.to(device)
+    result = evaluate_tasks(classifier, tasks, config.eval_batch_size, device, progress=progress)
+    payload = {
+        "model": config.model,
+        "routing": routing_mode(classifier),
+        **result.to_dict(),
+        "datasets": {task.name: config.task[task.name] for task in tasks},
+    }
+    write_results(config.output_json, payload)
+    return result
+
+
+def format_results(result: EvalResult, name: str) -> str:
+    """The markdown accuracy table of one model."""
+    return markdown_table([(name, result.accuracy)], list(result.accuracy))
+
+
+def default_device() -> str:
+    """cuda when available, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+__all__ = ["EvalConfig", "EvalResult", "default_device", "format_results", "run_eval"]
