@@ -4,6 +4,7 @@ Everything runs at real CLIP shapes with random weights (no downloads): ViT-B/32
 
     python scripts/benchmark.py                       # the full run behind BENCHMARKS.md (~15 min on 2 cores)
     python scripts/benchmark.py --quick --output /tmp/bench.md   # a smoke run with small batches
+    python scripts/benchmark.py --smoke --output /tmp/bench.md   # the same at a tiny shape: checks the harness
 
 Sections (`--sections`, default all):
 - forward: forward time at two batch sizes for a static CLIPVisionModel, hf-wemoe per-sample and batch routing,

@@ -26,7 +26,7 @@ WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"train": train
 
 
 def parse_args(argv: list[str], description: str | None = None) -> argparse.Namespace:
-    """The options; `--quick` replaces the batch sizes and repeats."""
+    """The options; `--quick` and `--smoke` replace the batch sizes and repeats (and `--smoke` the shape)."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -80,16 +80,23 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
     parser.add_argument("--no-fusionbench", action="store_true", help="skip the FusionBench comparison")
     parser.add_argument("--quick", action="store_true", help="smoke run: small batches, one repeat")
     parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="--quick at a tiny non-CLIP shape: checks the harness (workers, merges, report), not the speed",
+    )
+    parser.add_argument(
         "--report-from", metavar="JSON", help="only re-render the report from a --json file of an earlier run"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = argv
-    if args.quick:
+    if args.quick or args.smoke:
         args.batches, args.repeats, args.repeats_large = [2, 4], 1, 1
         args.fusionbench_repeats = args.fusionbench_repeats_large = args.cpu_time_repeats = 1
         args.train_batch, args.train_batch_small, args.train_steps, args.train_steps_small = 8, 2, 1, 1
+    if args.smoke:
+        args.shape = "tiny"
     return args
 
 

@@ -23,6 +23,16 @@ SHAPES: dict[str, dict[str, int]] = {
         patch_size=14,
         projection_dim=768,
     ),
+    # Not a CLIP shape: small enough that `--smoke` checks the whole harness quickly (tests do).
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    ),
 }
 NUM_EXPERTS = 8
 LAMBDA = 0.3
