@@ -12,7 +12,7 @@ from transformers.models.clip.modeling_clip import CLIPMLP
 
 from benchmarks.settings import LAMBDA, NUM_EXPERTS
 from benchmarks.variants import base_config_of
-from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe import WEMoECLIPVisionModel
 
 
 def fusionbench_class() -> tuple[type[nn.Module], bool]:

@@ -11,8 +11,8 @@ import torch
 from benchmarks.formatting import fmt_gib
 from benchmarks.settings import LAMBDA, TARGETS, Check, GiB
 from benchmarks.variants import base_config, expert_names
+from hf_wemoe import WEMoECLIPVisionModel
 from hf_wemoe.merging.wemoe import wemoe_config
-from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
 
 # The merges this section adds to the merge section's dense float32 one: name -> (method, dtype).
 OUTPUTS = {

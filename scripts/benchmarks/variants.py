@@ -12,8 +12,8 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from benchmarks.settings import LAMBDA, NUM_EXPERTS, ROUTER_STD, SHAPES, TASK_VECTOR_STD
+from hf_wemoe import WEMoECLIPVisionModel
 from hf_wemoe.merging.wemoe import wemoe_config
-from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
 
 
 def base_config(shape: str) -> CLIPVisionConfig:
