@@ -74,6 +74,7 @@ def test_full_clip_folder(merged):
         "configuration_wemoe.py",
         "modeling_wemoe.py",
         "modeling_wemoe_clip.py",
+        "wemoe_ops.py",
         "preprocessor_config.json",
         "tokenizer_config.json",
         "tokenizer.json",
@@ -98,7 +99,7 @@ def test_full_clip_folder(merged):
     assert list(provenance["experts"]) == list(EXPERTS) and provenance["base_license"] == {"license": "mit"}
     assert yaml.safe_load((full / "merge_config.yaml").read_text())["full_clip"] is True
     # The copied model code imports only its siblings, never the package.
-    for name in ("modeling_wemoe_clip.py", "modeling_wemoe.py", "configuration_wemoe.py"):
+    for name in ("modeling_wemoe_clip.py", "modeling_wemoe.py", "configuration_wemoe.py", "wemoe_ops.py"):
         assert "hf_wemoe" not in (full / name).read_text(), name
 
 

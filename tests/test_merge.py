@@ -170,6 +170,7 @@ def test_wemoe_output_folder(zoo, wemoe_output):
         "model.safetensors",
         "configuration_wemoe.py",
         "modeling_wemoe.py",
+        "wemoe_ops.py",
         "preprocessor_config.json",
         "merge_config.yaml",
         "README.md",

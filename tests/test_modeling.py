@@ -20,7 +20,7 @@ from hf_wemoe import (
     build_wemoe,
 )
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
-from hf_wemoe.models.modeling_wemoe import num_kept_entries
+from hf_wemoe.models.wemoe_ops import num_kept_entries
 from tiny_models import make_base_and_experts, randomize_routers
 
 MLP_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -360,7 +360,8 @@ def test_save_pretrained_layout_and_auto_model(tiny_zoo, tmp_path):
     model = build_wemoe(*tiny_zoo, shared_router=True)
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_wemoe.py", "configuration_wemoe.py"} <= files
+    model_files = {"modeling_wemoe.py", "configuration_wemoe.py", "wemoe_ops.py"}
+    assert {"config.json", "model.safetensors", *model_files} <= files
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "wemoe_clip_vision_model"
     assert config["auto_map"] == {
@@ -374,7 +375,7 @@ def test_save_pretrained_layout_and_auto_model(tiny_zoo, tmp_path):
     assert not any(k.startswith("vision_model.") for k in keys)
     assert "encoder.router.hidden.weight" in keys and "encoder.layers.0.mlp.task_vectors.fc1_weight" in keys
     # The copied model files import nothing of the package.
-    for name in ("modeling_wemoe.py", "configuration_wemoe.py"):
+    for name in model_files:
         assert "hf_wemoe" not in (tmp_path / name).read_text()
     loaded = AutoModel.from_pretrained(tmp_path)
     assert isinstance(loaded, hf_wemoe.WEMoECLIPVisionModel)

@@ -12,12 +12,8 @@ from transformers import AutoModel
 
 from hf_wemoe import WEMoECLIPVisionConfig, WEMoECLIPVisionModel, build_wemoe
 from hf_wemoe.io.weights import count_parameters
-from hf_wemoe.models.modeling_wemoe import (
-    WEMoETaskVectors,
-    decode_sparse_indices,
-    encode_sparse_indices,
-    num_kept_entries,
-)
+from hf_wemoe.models.modeling_wemoe import WEMoETaskVectors
+from hf_wemoe.models.wemoe_ops import decode_sparse_indices, encode_sparse_indices, num_kept_entries
 from tiny_models import make_base_and_experts, randomize_routers
 
 BLOCK = 65536
