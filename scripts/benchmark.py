@@ -45,7 +45,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPMLP
 
 from hf_wemoe.merging.wemoe import wemoe_config
-from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
 
 SHAPES = {
     "B/32": dict(
@@ -117,7 +117,7 @@ def randomize_routers(model: nn.Module, seed: int) -> None:
     """Routers far enough from their initialisation that every sample gets its own routing weights."""
     generator = torch.Generator().manual_seed(seed)
     for name, parameter in model.named_parameters():
-        if ".router." in f".{name}":
+        if is_router_parameter(name):
             noise = ROUTER_STD * torch.randn(parameter.shape, generator=generator)
             parameter.copy_((LAMBDA if name.endswith("output.bias") else 0.0) + noise)
 
@@ -132,7 +132,7 @@ def make_sparse_like(dense: WEMoECLIPVisionModel, sparsity: float = 0.9) -> WEMo
         task_vector_sparsity=sparsity,
     )
     model = WEMoECLIPVisionModel(config)
-    state = {k: v for k, v in dense.state_dict().items() if ".task_vectors." not in k and ".router." not in k}
+    state = {k: v for k, v in dense.state_dict().items() if ".task_vectors." not in k and not is_router_parameter(k)}
     model.load_state_dict(state, strict=False)
     with torch.no_grad():
         for source, target in zip(dense.moe_layers, model.moe_layers):

@@ -24,6 +24,7 @@ from hf_wemoe.cli.main import main
 from hf_wemoe.io.weights import count_parameters
 from hf_wemoe.merging.recipe import MergeOptions
 from hf_wemoe.merging.registry import merge_methods
+from hf_wemoe.models.modeling_wemoe import is_router_parameter
 from hf_wemoe.workflows.merge import run_merge
 from test_sources import write_checkpoint
 from tiny_models import make_base_and_experts
@@ -241,7 +242,7 @@ def test_recipe_rebuilds_identical_weights(zoo, wemoe_output, tmp_path):
     run_ok(merge_args(zoo, tmp_path / "seed1", "--seed", "1"))
     first, other = weights(wemoe_output), weights(tmp_path / "seed1")
     for key in first:
-        randomly_initialised = ".router." in key and key.endswith(".weight")  # biases start at 0 and lambda
+        randomly_initialised = is_router_parameter(key) and key.endswith(".weight")  # biases start at 0 and lambda
         assert torch.equal(first[key], other[key]) != randomly_initialised, key
 
 

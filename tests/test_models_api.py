@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import CLIPTextConfig
 
-from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe import WEMoECLIPConfig, WEMoECLIPModel, build_wemoe
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPPreTrainedModel, WEMoECLIPVisionModel, is_router_parameter
+from tiny_models import make_base_and_experts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LEGACY = ("legacy_wemoe", "legacy_ewemoe")
@@ -96,3 +99,51 @@ def test_model_module_imports_first_in_a_fresh_process(module):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "IMPORT-OK" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Router parameters: one rule, one pretrained base for the vision tower and the full CLIP model.
+
+
+def test_is_router_parameter_names_router_weights_only():
+    routers = [
+        "encoder.router.hidden.weight",
+        "encoder.layers.0.mlp.router.output.bias",
+        "vision_model.encoder.layers.11.mlp.router.bias",
+        "router.output.weight",
+    ]
+    others = [
+        "encoder.layers.0.mlp.fc1.weight",
+        "encoder.layers.0.mlp.task_vectors.fc1_weight_values",
+        "encoder.layers.0.mlp.router",  # a module, not one of its parameters
+        "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "my_router.weight",
+        "routers.weight",
+    ]
+    assert all(is_router_parameter(name) for name in routers)
+    assert not any(is_router_parameter(name) for name in others)
+
+
+def tiny_full_clip(shared_router: bool = False) -> WEMoECLIPModel:
+    vision = build_wemoe(*make_base_and_experts(num_experts=2), shared_router=shared_router)
+    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    config = WEMoECLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.config.to_dict(), projection_dim=16
+    )
+    return WEMoECLIPModel(config)
+
+
+@pytest.mark.parametrize("shared_router", [False, True])
+def test_full_clip_model_shares_the_pretrained_base(tmp_path, shared_router):
+    model = tiny_full_clip(shared_router)
+    assert isinstance(model, WEMoECLIPPreTrainedModel)
+    vision_routers = {f"vision_model.{name}" for name, _ in model.vision_model.named_parameters()}
+    vision_routers = {name for name in vision_routers if is_router_parameter(name)}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == vision_routers and len(model.router_parameters()) == len(vision_routers)
+    model.save_pretrained(tmp_path)
+    loaded = WEMoECLIPModel.from_pretrained(tmp_path)
+    assert {name for name, p in loaded.named_parameters() if p.requires_grad} == vision_routers
+    loaded, info = WEMoECLIPModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert {name for name, p in loaded.named_parameters() if p.requires_grad} == vision_routers
+    assert not info["missing_keys"] and not info["unexpected_keys"]

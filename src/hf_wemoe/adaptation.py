@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.models.modeling_wemoe import is_router_parameter
 from hf_wemoe.zeroshot.classifier import ClassificationTask, ZeroShotClassifier
 from hf_wemoe.zeroshot.data import collate_images
 
@@ -78,7 +79,7 @@ class _RouterState:
     """Router weights as a checkpointable object (`state_dict`/`load_state_dict`), so checkpoints stay small."""
 
     def __init__(self, model: torch.nn.Module):
-        self.parameters = dict((name, p) for name, p in model.named_parameters() if ".router." in f".{name}")
+        self.parameters = dict((name, p) for name, p in model.named_parameters() if is_router_parameter(name))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().cpu().clone() for name, p in self.parameters.items()}

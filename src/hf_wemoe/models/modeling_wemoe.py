@@ -56,7 +56,13 @@ class WEMoEVisionModelOutput(ModelOutput):
     routing_weights: tuple[torch.Tensor, ...] | None = None
 
 
-def _is_router_parameter(name: str) -> bool:
+def is_router_parameter(name: str) -> bool:
+    """Whether the parameter or state-dict key `name` belongs to a router (a module named `router` on its path).
+
+    Routers are what router adaptation trains; every other WEMoE weight is frozen. Works for the names of any
+    model that holds a WEMoE vision tower (`encoder.router.hidden.weight`,
+    `vision_model.encoder.layers.0.mlp.router.output.bias`, ...).
+    """
     return ".router." in f".{name}"
 
 
@@ -404,7 +410,11 @@ class WEMoECLIPEncoder(nn.Module):
 
 
 class WEMoECLIPPreTrainedModel(PreTrainedModel):
-    """Weight initialisation and loading conventions shared by the WEMoE CLIP models."""
+    """Weight initialisation and loading conventions shared by the WEMoE CLIP models.
+
+    Only router parameters (see [`is_router_parameter`]) require gradients, after `__init__` and after
+    `from_pretrained`; `router_parameters()` lists them.
+    """
 
     config_class = WEMoECLIPVisionConfig
     config: WEMoECLIPVisionConfig
@@ -460,11 +470,11 @@ class WEMoECLIPPreTrainedModel(PreTrainedModel):
     def freeze_non_router_parameters(self) -> None:
         """Only routers train: every other parameter gets `requires_grad=False`."""
         for name, parameter in self.named_parameters():
-            parameter.requires_grad_(_is_router_parameter(name))
+            parameter.requires_grad_(is_router_parameter(name))
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The parameters of every router (what router adaptation trains)."""
-        return [p for name, p in self.named_parameters() if _is_router_parameter(name)]
+        return [p for name, p in self.named_parameters() if is_router_parameter(name)]
 
 
 class WEMoECLIPVisionModel(WEMoECLIPPreTrainedModel):
@@ -658,6 +668,7 @@ __all__ = [
     "WEMoETaskVectors",
     "decode_sparse_indices",
     "encode_sparse_indices",
+    "is_router_parameter",
     "num_kept_entries",
     "sparsify_task_vector",
 ]
