@@ -264,13 +264,13 @@ def _clip_mlp(config, fc1_weight, fc1_bias, fc2_weight, fc2_bias) -> CLIPMLP:
 
 @contextlib.contextmanager
 def routing_mode(model: WEMoECLIPVisionModel, mode: str):
-    """Switch a model between per-sample and batch routing without copying it (the MLPs read the shared config)."""
+    """Switch a model between per-sample and batch routing without copying it."""
     previous = model.config.routing
-    model.config.routing = mode
+    model.set_routing(mode)
     try:
         yield model
     finally:
-        model.config.routing = previous
+        model.set_routing(previous)
 
 
 def pixel_values(shape: str, batch: int, seed: int = 0) -> torch.Tensor:
@@ -457,7 +457,7 @@ def train_worker(spec: dict) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         model = wemoe
-        model.config.routing = spec["variant"]
+        model.set_routing(spec["variant"])
         params = model.router_parameters()
     model = model.to(device).train()
     gc.collect()

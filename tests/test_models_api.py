@@ -14,7 +14,7 @@ from transformers import CLIPTextConfig
 
 from hf_wemoe import WEMoECLIPConfig, WEMoECLIPModel, build_wemoe
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPPreTrainedModel, WEMoECLIPVisionModel, is_router_parameter
-from tiny_models import make_base_and_experts
+from tiny_models import make_base_and_experts, randomize_routers
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LEGACY = ("legacy_wemoe", "legacy_ewemoe")
@@ -130,7 +130,10 @@ def tiny_full_clip(shared_router: bool = False) -> WEMoECLIPModel:
     config = WEMoECLIPConfig(
         text_config=text.to_dict(), vision_config=vision.config.to_dict(), projection_dim=16
     )
-    return WEMoECLIPModel(config)
+    model = WEMoECLIPModel(config)
+    model.vision_model.load_state_dict(vision.state_dict())
+    randomize_routers(model)
+    return model
 
 
 @pytest.mark.parametrize("shared_router", [False, True])
@@ -147,3 +150,47 @@ def test_full_clip_model_shares_the_pretrained_base(tmp_path, shared_router):
     loaded, info = WEMoECLIPModel.from_pretrained(tmp_path, output_loading_info=True)
     assert {name for name, p in loaded.named_parameters() if p.requires_grad} == vision_routers
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing modes are switched through the model (`set_routing`) or per call (`routing=`), never by assigning config.
+
+
+def test_set_routing_and_the_routing_argument_match_the_old_config_switch(legacy_outputs):
+    # The phase-1 outputs with routing "batch" were made by assigning `model.config.routing`.
+    model = WEMoECLIPVisionModel.from_pretrained(FIXTURES / "legacy_wemoe").eval()
+    pixel_values, expected = legacy_outputs["pixel_values"], legacy_outputs["legacy_wemoe.batch_pooler_output"]
+    with torch.no_grad():
+        per_call = model(pixel_values, routing="batch").pooler_output
+        assert model.config.routing == "sample"  # one call only
+        model.set_routing("batch")
+        assert model.config.routing == "batch"
+        switched = model(pixel_values).pooler_output
+        back = model(pixel_values, routing="sample").pooler_output
+    assert torch.equal(per_call, expected) and torch.equal(switched, expected)
+    assert torch.equal(back, legacy_outputs["legacy_wemoe.pooler_output"])
+
+
+def test_routing_values_are_checked_in_one_line():
+    model = build_wemoe(*make_base_and_experts(num_experts=2))
+    for call in (lambda: model.set_routing("tokens"), lambda: model(torch.zeros(1, 3, 32, 32), routing="tokens")):
+        with pytest.raises(ValueError) as error:
+            call()
+        assert str(error.value) == "routing must be one of ['sample', 'batch'], got 'tokens'"
+    assert model.config.routing == "sample"
+
+
+def test_full_clip_model_switches_its_vision_tower(tmp_path):
+    model = tiny_full_clip().eval()
+    inputs = dict(input_ids=torch.tensor([[1, 2, 3]]), pixel_values=torch.randn(3, 3, 32, 32))
+    with torch.no_grad():
+        per_call = model(**inputs, routing="batch").logits_per_image
+        model.set_routing("batch")
+        switched = model(**inputs).logits_per_image
+        vision = model.vision_model(inputs["pixel_values"]).pooler_output
+        model.vision_model.set_routing("sample")
+        per_sample_vision = model.vision_model(inputs["pixel_values"]).pooler_output
+    assert torch.equal(per_call, switched) and not torch.equal(vision, per_sample_vision)
+    model.set_routing("batch")
+    model.save_pretrained(tmp_path)
+    assert WEMoECLIPModel.from_pretrained(tmp_path).config.vision_config.routing == "batch"

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.models.configuration_wemoe import RoutingMode
 from hf_wemoe.models.modeling_wemoe import is_router_parameter
 from hf_wemoe.zeroshot.classifier import ClassificationTask, ZeroShotClassifier
 from hf_wemoe.zeroshot.data import collate_images
@@ -44,7 +45,7 @@ class TrainOptions(BaseModel):
         "entropy",
         description="loss: entropy of the predictions (unlabelled), or cross-entropy with the labels",
     )
-    routing: Literal["sample", "batch"] | None = Field(
+    routing: RoutingMode | None = Field(
         None, description="routing mode while training and evaluating (default: the model's)"
     )
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: never)")
@@ -149,7 +150,7 @@ def adapt_routers(
     set_seed(options.seed)
     vision = classifier.vision_model
     if options.routing is not None:
-        vision.config.routing = options.routing
+        vision.set_routing(options.routing)
     classifier.to(accelerator.device)
     heads = {task.name: task.head.to(accelerator.device) for task in tasks}
     routers = vision.router_parameters()

@@ -7,12 +7,24 @@ and transformers.
 from __future__ import annotations
 
 from dataclasses import field
+from typing import Literal, get_args
 
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-ROUTER_DEPTHS = (0, 1, 2)
-ROUTING_MODES = ("sample", "batch")
-TASK_VECTOR_DTYPES = ("float32", "bfloat16", "float16")
+# The allowed values of the WEMoE fields, defined here once: the Literal types serve typed options (pydantic
+# models, type checkers), the tuples serve checks and messages.
+RouterDepth = Literal[0, 1, 2]
+RoutingMode = Literal["sample", "batch"]
+TaskVectorDtype = Literal["float32", "bfloat16", "float16"]
+ROUTER_DEPTHS: tuple[int, ...] = get_args(RouterDepth)
+ROUTING_MODES: tuple[str, ...] = get_args(RoutingMode)
+TASK_VECTOR_DTYPES: tuple[str, ...] = get_args(TaskVectorDtype)
+
+
+def check_routing(routing: object) -> None:
+    """Raise `ValueError` naming the allowed values unless `routing` is a routing mode."""
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing must be one of {list(ROUTING_MODES)}, got {routing!r}")
 
 
 class WEMoECLIPVisionConfig(CLIPVisionConfig):
@@ -42,7 +54,8 @@ class WEMoECLIPVisionConfig(CLIPVisionConfig):
             always run in at least float32.
         routing (`str`, defaults to `"sample"`):
             `"sample"`: every input gets its own merged MLP (the paper's method). `"batch"`: routing weights are
-            averaged over the batch and one merged MLP serves the whole batch.
+            averaged over the batch and one merged MLP serves the whole batch. Switch it with the model's
+            `set_routing`, or for one call with the forward's `routing` argument.
         moe_layers (`list[int]`, *optional*):
             Indices of the encoder layers whose MLP is a WEMoE module; `None` means every layer. The other layers
             hold a task-arithmetic MLP.
@@ -113,8 +126,7 @@ class WEMoECLIPVisionConfig(CLIPVisionConfig):
             raise ValueError(
                 f"task_vector_dtype must be one of {list(TASK_VECTOR_DTYPES)}, got {self.task_vector_dtype!r}"
             )
-        if self.routing not in ROUTING_MODES:
-            raise ValueError(f"routing must be one of {list(ROUTING_MODES)}, got {self.routing!r}")
+        check_routing(self.routing)
         if self.moe_layers is not None:
             bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
             if bad:
@@ -141,4 +153,14 @@ class WEMoECLIPConfig(CLIPConfig):
     sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": WEMoECLIPVisionConfig}
 
 
-__all__ = ["WEMoECLIPConfig", "WEMoECLIPVisionConfig"]
+__all__ = [
+    "ROUTER_DEPTHS",
+    "ROUTING_MODES",
+    "TASK_VECTOR_DTYPES",
+    "RouterDepth",
+    "RoutingMode",
+    "TaskVectorDtype",
+    "WEMoECLIPConfig",
+    "WEMoECLIPVisionConfig",
+    "check_routing",
+]

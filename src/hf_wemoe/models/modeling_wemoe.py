@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPVisionEmbeddings
 from transformers.utils import ModelOutput
 
-from .configuration_wemoe import WEMoECLIPVisionConfig
+from .configuration_wemoe import WEMoECLIPVisionConfig, check_routing
 from .wemoe_ops import (
     MergedWeight,
     PerSampleLinear,
@@ -262,11 +262,13 @@ class WEMoEMLP(nn.Module):
         hidden_states: torch.Tensor,
         router: WEMoERouter | None = None,
         routing_weights: torch.Tensor | None = None,
+        routing: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the MLP; returns `(output, routing_weights)` with routing weights of shape (B, K).
 
         `router` is the shared router (when the model has one); `routing_weights` forces the routing:
-        a (K,) vector or a (B, K) table.
+        a (K,) vector or a (B, K) table. `routing` is the routing mode (`"sample"` or `"batch"`, see
+        [`WEMoECLIPVisionConfig`]); defaults to the config's.
         """
         batch_size = hidden_states.shape[0]
         if routing_weights is None:
@@ -279,7 +281,7 @@ class WEMoEMLP(nn.Module):
         # Routing and accumulation run in at least float32, whatever the activation and storage dtypes.
         routing_weights = routing_weights.to(torch.promote_types(routing_weights.dtype, torch.float32))
 
-        if self.config.routing == "batch":
+        if (routing or self.config.routing) == "batch":
             # One merged MLP for the whole batch: the same kernel, with every token of the batch as one "sample"
             # routed by the batch mean (one merge per layer per forward, one large GEMM per layer).
             mean = routing_weights.mean(dim=0, keepdim=True)
@@ -351,6 +353,7 @@ class WEMoECLIPEncoderLayer(nn.Module):
         hidden_states: torch.Tensor,
         router: WEMoERouter | None = None,
         routing_weights: torch.Tensor | None = None,
+        routing: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Returns `(hidden_states, attention_weights, routing_weights)`; the last is None for a static MLP."""
         residual = hidden_states
@@ -362,7 +365,7 @@ class WEMoECLIPEncoderLayer(nn.Module):
         hidden_states = self.layer_norm2(hidden_states)
         if self.is_moe:
             hidden_states, routing_weights = self.mlp(
-                hidden_states, router=router, routing_weights=routing_weights
+                hidden_states, router=router, routing_weights=routing_weights, routing=routing
             )
         else:
             hidden_states, routing_weights = self.mlp(hidden_states), None
@@ -387,6 +390,7 @@ class WEMoECLIPEncoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         force_routing: torch.Tensor | None = None,
+        routing: str | None = None,
     ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple[torch.Tensor, ...]]:
         """Returns `(last_hidden_state, hidden_states, attentions, routing_weights)`."""
         hidden_states = inputs_embeds
@@ -397,11 +401,11 @@ class WEMoECLIPEncoder(nn.Module):
             forced = None
             if force_routing is not None and layer.is_moe:
                 forced = _routing_for_layer(force_routing, len(all_routing))
-            hidden_states, attentions, routing = layer(
-                hidden_states, router=self.router, routing_weights=forced
+            hidden_states, attentions, layer_routing = layer(
+                hidden_states, router=self.router, routing_weights=forced, routing=routing
             )
-            if routing is not None:
-                all_routing += (routing,)
+            if layer_routing is not None:
+                all_routing += (layer_routing,)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -467,6 +471,19 @@ class WEMoECLIPPreTrainedModel(PreTrainedModel):
         model.freeze_non_router_parameters()
         return loaded
 
+    def set_routing(self, routing: str) -> None:
+        """Switch the routing mode of the WEMoE vision tower: `"sample"` (every input gets its own merged MLP,
+        the paper's method) or `"batch"` (the routing weights are averaged over the batch and one merged MLP
+        serves it). The mode is the config's `routing` field, so saved copies keep it; the forward's `routing`
+        argument overrides it for one call.
+
+        Raises:
+            ValueError: `routing` is not one of the routing modes (names them).
+        """
+        check_routing(routing)
+        # The full CLIP model keeps the vision tower's config (shared with the tower's modules) as `vision_config`.
+        getattr(self.config, "vision_config", self.config).routing = routing
+
     def freeze_non_router_parameters(self) -> None:
         """Only routers train: every other parameter gets `requires_grad=False`."""
         for name, parameter in self.named_parameters():
@@ -513,6 +530,7 @@ class WEMoECLIPVisionModel(WEMoECLIPPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
         force_routing: torch.Tensor | None = None,
+        routing: str | None = None,
         **kwargs,
     ) -> WEMoEModelOutputWithPooling | tuple:
         r"""
@@ -521,6 +539,9 @@ class WEMoECLIPVisionModel(WEMoECLIPPreTrainedModel):
         force_routing (`torch.Tensor`, *optional*):
             Use these routing weights instead of the routers': shape (num_experts,) for every MoE layer, or
             (num_moe_layers, num_experts) for one vector per MoE layer.
+        routing (`str`, *optional*):
+            The routing mode for this call, `"sample"` or `"batch"` (see `set_routing`); defaults to the
+            config's `routing`.
         """
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
@@ -533,6 +554,10 @@ class WEMoECLIPVisionModel(WEMoECLIPPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if force_routing is not None:
             force_routing = self._check_force_routing(force_routing)
+        if routing is None:
+            routing = self.config.routing
+        else:
+            check_routing(routing)
 
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         hidden_states = self.pre_layrnorm(hidden_states)
@@ -541,6 +566,7 @@ class WEMoECLIPVisionModel(WEMoECLIPPreTrainedModel):
             output_attentions=bool(output_attentions),
             output_hidden_states=bool(output_hidden_states),
             force_routing=force_routing,
+            routing=routing,
         )
         pooled_output = self.post_layernorm(last_hidden_state[:, 0, :])
         routing_weights = routing if output_routing_weights else None
@@ -622,6 +648,7 @@ class WEMoECLIPVisionModelWithProjection(WEMoECLIPPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
         force_routing: torch.Tensor | None = None,
+        routing: str | None = None,
         **kwargs,
     ) -> WEMoEVisionModelOutput | tuple:
         """Same inputs as [`WEMoECLIPVisionModel`]; adds `image_embeds` to its outputs."""
@@ -634,6 +661,7 @@ class WEMoECLIPVisionModelWithProjection(WEMoECLIPPreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             return_dict=True,
             force_routing=force_routing,
+            routing=routing,
         )
         image_embeds = self.visual_projection(outputs.pooler_output)
         result = WEMoEVisionModelOutput(

@@ -126,6 +126,7 @@ class WEMoECLIPModel(WEMoECLIPPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_routing_weights: bool | None = None,
         force_routing: torch.Tensor | None = None,
+        routing: str | None = None,
         **kwargs,
     ) -> WEMoEModelOutputWithPooling:
         """The WEMoE vision tower's outputs with `pooler_output` projected by `visual_projection` (as
@@ -135,6 +136,7 @@ class WEMoECLIPModel(WEMoECLIPPreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_routing_weights=output_routing_weights,
             force_routing=force_routing,
+            routing=routing,
             return_dict=True,
         )
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)
@@ -151,6 +153,7 @@ class WEMoECLIPModel(WEMoECLIPPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
         force_routing: torch.Tensor | None = None,
+        routing: str | None = None,
         **kwargs,
     ) -> WEMoECLIPOutput | tuple:
         r"""
@@ -160,6 +163,9 @@ class WEMoECLIPModel(WEMoECLIPPreTrainedModel):
             Return the routing weights of every MoE layer, each of shape (image batch, num_experts).
         force_routing (`torch.Tensor`, *optional*):
             Use these routing weights instead of the routers' (see [`WEMoECLIPVisionModel`]).
+        routing (`str`, *optional*):
+            The routing mode for this call, `"sample"` or `"batch"` (see `set_routing`); defaults to the vision
+            config's `routing`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         vision_outputs = self.get_image_features(
@@ -167,6 +173,7 @@ class WEMoECLIPModel(WEMoECLIPPreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_routing_weights=output_routing_weights,
             force_routing=force_routing,
+            routing=routing,
         )
         text_outputs = self.get_text_features(
             input_ids, attention_mask=attention_mask, position_ids=position_ids

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +13,7 @@ from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import EvalResult, evaluate_tasks, markdown_table, write_results
 from hf_wemoe.hub.cards import write_card
 from hf_wemoe.io.outputs import atomic_output_dir, check_output_dir
+from hf_wemoe.models.configuration_wemoe import RoutingMode
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
 from hf_wemoe.workflows.plots import plot_routing
 from hf_wemoe.zeroshot.classifier import (
@@ -55,7 +55,7 @@ class TaskOptions(BaseModel):
 class EvalConfig(TaskOptions):
     """`hf-wemoe eval` options."""
 
-    routing: Literal["sample", "batch"] | None = Field(
+    routing: RoutingMode | None = Field(
         None, description="routing mode (default: the model's)"
     )
     output_json: str = Field("eval_results.json", description="where to write the results as JSON")
@@ -122,7 +122,7 @@ def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
     """Evaluate a WEMoE or plain CLIP vision model; prints nothing, returns the result and writes the JSON."""
     classifier, tasks, _ = _load(config, require_labels=True)
     if config.routing and isinstance(classifier.vision_model, WEMoECLIPVisionModel):
-        classifier.vision_model.config.routing = config.routing
+        classifier.vision_model.set_routing(config.routing)
     device = config.device or _default_device()
     classifier.to(device)
     result = evaluate_tasks(classifier, tasks, config.eval_batch_size, device, progress=progress)
