@@ -98,7 +98,7 @@ def expert_names() -> list[str]:
 
 def make_wemoe(shape: str, seed: int = 0, **options) -> WEMoECLIPVisionModel:
     """A WEMoE model at `shape` with random weights: CLIP init, random task vectors and varied routers."""
-    config = wemoe_config(base_config(shape), expert_names(), init_lambda=LAMBDA, **options)
+    config = wemoe_config(base_config(shape), expert_names(), scaling=LAMBDA, **options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WEMoECLIPVisionModel(config)
@@ -127,9 +127,9 @@ def make_sparse_like(dense: WEMoECLIPVisionModel, sparsity: float = 0.9) -> WEMo
     config = wemoe_config(
         base_config_of(dense),
         expert_names(),
-        init_lambda=LAMBDA,
+        scaling=LAMBDA,
         shared_router=True,
-        task_vector_sparsity=sparsity,
+        sparsity=sparsity,
     )
     model = WEMoECLIPVisionModel(config)
     state = {k: v for k, v in dense.state_dict().items() if ".task_vectors." not in k and not is_router_parameter(k)}
@@ -993,9 +993,9 @@ def checkpoint_bytes(shape: str, dtype: str, sparse: bool) -> dict[str, int]:
     (`*_indices`, `*_block_counts`); `rest`: the non-MLP weights, pretrained MLPs and routers (float32, the
     dtype of the base checkpoints). Sparse is E-WEMoE-90%: 90% sparsity and one shared router.
     """
-    options = dict(task_vector_sparsity=0.9, shared_router=True) if sparse else {}
+    options = dict(sparsity=0.9, shared_router=True) if sparse else {}
     config = wemoe_config(
-        base_config(shape), expert_names(), init_lambda=LAMBDA, task_vector_dtype=dtype, **options
+        base_config(shape), expert_names(), scaling=LAMBDA, task_vector_dtype=dtype, **options
     )
     with torch.device("meta"):
         model = WEMoECLIPVisionModel(config)

@@ -254,7 +254,7 @@ def tiny_zoo():
     "options",
     [
         pytest.param(dict(), id="dense"),
-        pytest.param(dict(task_vector_sparsity=0.6, shared_router=True), id="sparse"),
+        pytest.param(dict(sparsity=0.6, shared_router=True), id="sparse"),
         pytest.param(dict(task_vector_dtype="bfloat16"), id="bf16-storage"),
         pytest.param(dict(routing="batch", task_vector_dtype="float16"), id="batch-fp16-storage"),
     ],
@@ -285,7 +285,7 @@ def test_large_batch_model_matches_reference(tiny_zoo):
 
 
 def test_sparse_cache_filled_in_inference_mode_serves_training(tiny_zoo):
-    model = build_wemoe(*tiny_zoo, task_vector_sparsity=0.5)
+    model = build_wemoe(*tiny_zoo, sparsity=0.5)
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         evaluated = model(pixel_values).pooler_output

@@ -250,8 +250,8 @@ def test_e_wemoe_defaults_and_overrides(zoo, tmp_path):
     base, experts, _ = zoo
     run_ok(merge_args(zoo, tmp_path / "e", "--method", "e-wemoe"))
     model = WEMoECLIPVisionModel.from_pretrained(tmp_path / "e")
-    assert model.config.task_vector_sparsity == 0.9 and model.config.shared_router is True
-    reference = build_wemoe(base, experts, seed=0, task_vector_sparsity=0.9, shared_router=True).state_dict()
+    assert model.config.sparsity == 0.9 and model.config.shared_router is True
+    reference = build_wemoe(base, experts, seed=0, sparsity=0.9, shared_router=True).state_dict()
     state = model.state_dict()
     assert state.keys() == reference.keys()
     assert any(key.startswith("encoder.router.") for key in state)
@@ -268,9 +268,9 @@ def test_e_wemoe_defaults_and_overrides(zoo, tmp_path):
         )
     )
     config = json.loads((tmp_path / "custom" / "config.json").read_text())
-    assert config["task_vector_sparsity"] == 0.5 and config["shared_router"] is False
+    assert config["sparsity"] == 0.5 and config["shared_router"] is False
     assert config["task_vector_dtype"] == "bfloat16" and config["router_depth"] == 1
-    assert config["routing"] == "batch" and config["init_lambda"] == 0.25
+    assert config["routing"] == "batch" and config["scaling"] == 0.25
     tensors = weights(tmp_path / "custom")
     assert tensors["encoder.layers.0.mlp.task_vectors.fc1_weight_values"].dtype == torch.bfloat16
     recipe = yaml.safe_load((tmp_path / "custom" / "merge_config.yaml").read_text())

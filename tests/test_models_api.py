@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -12,12 +13,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig
 
-from hf_wemoe import WEMoECLIPConfig, WEMoECLIPModel, build_wemoe
+from hf_wemoe import WEMoECLIPConfig, WEMoECLIPModel, WEMoECLIPVisionConfig, build_wemoe
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPPreTrainedModel, WEMoECLIPVisionModel, is_router_parameter
 from tiny_models import make_base_and_experts, randomize_routers
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LEGACY = ("legacy_wemoe", "legacy_ewemoe")
+# The legacy folders' configs use the field names deprecated since (`init_lambda`, `task_vector_sparsity`).
+legacy_names = pytest.mark.filterwarnings("ignore:.*is deprecated, use:FutureWarning")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -37,6 +40,7 @@ def _assert_legacy_outputs(model, name: str, expected: dict[str, torch.Tensor]) 
     assert torch.equal(torch.stack(outputs.routing_weights), expected[f"{name}.routing_weights"])
 
 
+@legacy_names
 @pytest.mark.parametrize("name", LEGACY)
 def test_legacy_folder_loads_bit_identically(name, legacy_outputs):
     model = WEMoECLIPVisionModel.from_pretrained(FIXTURES / name).eval()
@@ -156,6 +160,7 @@ def test_full_clip_model_shares_the_pretrained_base(tmp_path, shared_router):
 # Routing modes are switched through the model (`set_routing`) or per call (`routing=`), never by assigning config.
 
 
+@legacy_names
 def test_set_routing_and_the_routing_argument_match_the_old_config_switch(legacy_outputs):
     # The phase-1 outputs with routing "batch" were made by assigning `model.config.routing`.
     model = WEMoECLIPVisionModel.from_pretrained(FIXTURES / "legacy_wemoe").eval()
@@ -194,3 +199,48 @@ def test_full_clip_model_switches_its_vision_tower(tmp_path):
     model.set_routing("batch")
     model.save_pretrained(tmp_path)
     assert WEMoECLIPModel.from_pretrained(tmp_path).config.vision_config.routing == "batch"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Renamed config fields: `scaling` (was `init_lambda`) and `sparsity` (was `task_vector_sparsity`).
+
+
+def test_old_config_json_loads_into_the_renamed_fields(tmp_path):
+    with pytest.warns(FutureWarning) as warned:
+        config = WEMoECLIPVisionConfig.from_pretrained(FIXTURES / "legacy_ewemoe")
+    messages = " ".join(str(warning.message) for warning in warned)
+    assert "`init_lambda` is deprecated, use `scaling`" in messages
+    assert "`task_vector_sparsity` is deprecated, use `sparsity`" in messages
+    assert config.scaling == 0.3 and config.sparsity == 0.9 and config.shared_router is True
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["scaling"] == 0.3 and saved["sparsity"] == 0.9
+    assert "init_lambda" not in saved and "task_vector_sparsity" not in saved
+
+
+def test_old_option_names_still_build_the_same_model():
+    base, experts = make_base_and_experts(num_experts=2)
+    with pytest.warns(FutureWarning) as warned:
+        old = build_wemoe(base, experts, init_lambda=0.25, task_vector_sparsity=0.9)
+    messages = " ".join(str(warning.message) for warning in warned)
+    assert "`init_lambda` is deprecated" in messages and "`task_vector_sparsity` is deprecated" in messages
+    new = build_wemoe(base, experts, scaling=0.25, sparsity=0.9)
+    assert old.config.scaling == 0.25 and old.config.sparsity == 0.9
+    assert all(torch.equal(value, new.state_dict()[key]) for key, value in old.state_dict().items())
+
+
+def test_old_attribute_names_read_and_write_the_new_fields():
+    config = WEMoECLIPVisionConfig(expert_names=["a"], scaling=0.5, sparsity=0.2)
+    with pytest.warns(FutureWarning, match="use `scaling`"):
+        assert config.init_lambda == 0.5
+    with pytest.warns(FutureWarning, match="use `sparsity`"):
+        config.task_vector_sparsity = 0.7
+    assert config.sparsity == 0.7
+
+
+def test_old_and_new_names_together_must_agree():
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="pass only `scaling`"):
+        WEMoECLIPVisionConfig(expert_names=["a"], scaling=0.5, init_lambda=0.3)
+    with pytest.warns(FutureWarning):
+        config = WEMoECLIPVisionConfig(expert_names=["a"], sparsity=0.4, task_vector_sparsity=0.4)
+    assert config.sparsity == 0.4

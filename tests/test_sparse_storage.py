@@ -53,7 +53,7 @@ def _task_vectors(sparsity: float) -> WEMoETaskVectors:
         intermediate_size=700,
         num_attention_heads=4,
         expert_names=["a", "b"],
-        task_vector_sparsity=sparsity,
+        sparsity=sparsity,
     )
     return WEMoETaskVectors(config)
 
@@ -80,7 +80,7 @@ def test_set_then_dense_keeps_top_entries_in_every_block():
 
 def test_fresh_sparse_model_runs_as_the_pretrained_mlps():
     base, experts = make_base_and_experts(num_experts=2, seed=0, num_hidden_layers=1)
-    model = build_wemoe(base, experts, task_vector_sparsity=0.9)
+    model = build_wemoe(base, experts, sparsity=0.9)
     fresh = WEMoECLIPVisionModel(model.config)
     for name in ("fc1_weight", "fc2_bias"):
         assert not fresh.encoder.layers[0].mlp.task_vectors.dense(name).any()
@@ -91,7 +91,7 @@ def test_fresh_sparse_model_runs_as_the_pretrained_mlps():
 def multi_block_model():
     # fc1/fc2 weights of 32 x 2100 = 67200 entries: two blocks, block 0 with more than 32767 kept entries.
     base, experts = make_base_and_experts(num_experts=2, seed=0, num_hidden_layers=1, intermediate_size=2100)
-    model = build_wemoe(base, experts, task_vector_sparsity=0.3, shared_router=True)
+    model = build_wemoe(base, experts, sparsity=0.3, shared_router=True)
     randomize_routers(model)
     return model
 

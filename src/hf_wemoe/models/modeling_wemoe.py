@@ -125,7 +125,7 @@ def _version(tensor: torch.Tensor) -> int:
 class WEMoETaskVectors(nn.Module):
     """The K task vectors of one MLP, stored densely or sparsely.
 
-    Dense: one buffer `{name}` (K, *shape) per tensor. Sparse (`task_vector_sparsity > 0`), with nnz =
+    Dense: one buffer `{name}` (K, *shape) per tensor. Sparse (`sparsity > 0`), with nnz =
     `num_kept_entries(numel, sparsity)` kept entries per expert at increasing flat positions p (row-major over
     `shape`), and blocks of `SPARSE_BLOCK_SIZE` = 65536 positions:
 
@@ -148,7 +148,7 @@ class WEMoETaskVectors(nn.Module):
             "fc2_weight": (config.hidden_size, config.intermediate_size),
             "fc2_bias": (config.hidden_size,),
         }
-        self.sparsity = float(config.task_vector_sparsity)
+        self.sparsity = float(config.sparsity)
         # The state-dict prefix of this module, set by the model, to name tensors in errors.
         self.key_prefix = "task_vectors."
         dtype = getattr(torch, config.task_vector_dtype)
@@ -431,14 +431,14 @@ class WEMoECLIPPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Routers start at `init_lambda` for every expert; CLIP modules use CLIP's initialisation."""
+        """Routers start at `scaling` for every expert; CLIP modules use CLIP's initialisation."""
         # Router layers are recognised by their role: transformers initialises leaf modules on their own.
         role = getattr(module, "_router_role", None)
         if role is not None:
             init.normal_(module.weight, std=0.01)
-            init.constant_(module.bias, self.config.init_lambda if role == "output" else 0.0)
+            init.constant_(module.bias, self.config.scaling if role == "output" else 0.0)
         elif isinstance(module, WEMoERouter) and module.depth == 0:
-            init.constant_(module.bias, self.config.init_lambda)
+            init.constant_(module.bias, self.config.scaling)
         elif isinstance(module, CLIPVisionEmbeddings):
             factor = self.config.initializer_factor
             init.normal_(module.class_embedding, std=module.embed_dim**-0.5 * factor)
