@@ -244,3 +244,67 @@ def test_old_and_new_names_together_must_agree():
     with pytest.warns(FutureWarning):
         config = WEMoECLIPVisionConfig(expert_names=["a"], sparsity=0.4, task_vector_sparsity=0.4)
     assert config.sparsity == 0.4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradient checkpointing for router training, and torch.compile without graph breaks.
+
+VARIANTS = {"wemoe": {}, "e-wemoe": {"sparsity": 0.9, "shared_router": True}}
+
+
+def router_gradients(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad()
+    model(pixel_values).pooler_output.square().sum().backward()
+    return [p.grad.clone() for p in model.router_parameters()]
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_(enable|disable)` is deprecated:FutureWarning")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": True}, {"use_reentrant": False}])
+def test_gradient_checkpointing_keeps_router_gradients(variant, kwargs):
+    model = build_wemoe(*make_base_and_experts(), **VARIANTS[variant]).train()
+    randomize_routers(model)
+    pixel_values = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = router_gradients(model, pixel_values)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    assert all(layer.gradient_checkpointing for layer in model.encoder.layers)
+    assert all(torch.equal(g, w) for g, w in zip(router_gradients(model, pixel_values), want))
+    model.gradient_checkpointing_disable()
+    assert not any(layer.gradient_checkpointing for layer in model.encoder.layers)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_(enable|disable)` is deprecated:FutureWarning")
+def test_gradient_checkpointing_of_the_full_clip_model():
+    model = tiny_full_clip().train()
+    inputs = dict(input_ids=torch.tensor([[1, 2, 3], [3, 2, 1]]), pixel_values=torch.randn(2, 3, 32, 32))
+
+    def gradients():
+        model.zero_grad()
+        model(**inputs, return_loss=True).loss.backward()
+        return [p.grad.clone() for p in model.router_parameters()]
+
+    want = gradients()
+    model.gradient_checkpointing_enable()
+    assert all(torch.equal(g, w) for g, w in zip(gradients(), want))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compiles_without_graph_breaks(variant, tmp_path):
+    model = build_wemoe(*make_base_and_experts(), **VARIANTS[variant])
+    randomize_routers(model)
+    model.save_pretrained(tmp_path)
+    # Loaded afresh: sparse task vectors are checked at load and expanded on first use, inside the graph.
+    loaded = WEMoECLIPVisionModel.from_pretrained(tmp_path).eval()
+    pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(pixel_values).pooler_output
+    torch._dynamo.reset()
+    compiled = torch.compile(loaded, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
+    # Expanding (in inference mode), then reading the expanded task vectors.
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            assert torch.equal(compiled(pixel_values).pooler_output, want)
+    # Router training compiles too (the kernels' backward included), also after evaluation in inference mode.
+    want = router_gradients(model.train(), pixel_values)
+    assert all(torch.equal(g, w) for g, w in zip(router_gradients(compiled.train(), pixel_values), want))
+    torch._dynamo.reset()

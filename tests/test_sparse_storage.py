@@ -161,6 +161,17 @@ def test_corrupted_positions_raise_a_clear_error(multi_block_model, tmp_path, co
     key = f"encoder.layers.0.mlp.task_vectors.{suffix}"
     corrupt(state, key)
     save_file(state, path, metadata={"format": "pt"})
-    loaded = AutoModel.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=rf"corrupted sparse task vectors: .*'{re.escape(key)}'"):
-        loaded(torch.randn(1, 3, 32, 32))
+    message = rf"corrupted sparse task vectors: .*'{re.escape(key)}'"
+    # Checked once, when the checkpoint loads (not in the forward).
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(tmp_path)
+    model = copy.deepcopy(multi_block_model)
+    with pytest.raises(ValueError, match=message):
+        model.load_state_dict(state)
+    # Stored tensors changed in place after loading are checked before they are first used.
+    model = copy.deepcopy(multi_block_model)
+    model(torch.randn(1, 3, 32, 32))
+    with torch.no_grad():
+        model.get_buffer(key).copy_(state[key])
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(1, 3, 32, 32))

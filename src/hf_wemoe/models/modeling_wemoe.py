@@ -19,6 +19,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPVisionEmbeddings
 from transformers.utils import ModelOutput
@@ -165,6 +166,8 @@ class WEMoETaskVectors(nn.Module):
             else:
                 self.register_buffer(name, torch.zeros(num_experts, *shape, dtype=dtype))
         self._dense_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # Storage keys (see `_storage_key`) whose positions were checked, by tensor name.
+        self._checked: dict[str, tuple] = {}
 
     def _apply(self, fn, recurse=True):
         # Task vectors (and the integer position buffers) keep their storage dtypes when the model changes
@@ -186,7 +189,9 @@ class WEMoETaskVectors(nn.Module):
         """The task vectors of tensor `name` as a dense (K, *shape) tensor in the storage dtype.
 
         Sparse storage is expanded once and cached until the stored positions or values change (a load, a move
-        to another device).
+        to another device). Stored positions are checked once: when a checkpoint is loaded (`check_positions`),
+        or before tensors stored otherwise are first expanded. Compiled code (`torch.compile`) expands inside
+        the graph on its first call and reads the cache afterwards, without graph breaks.
 
         Raises:
             ValueError: the stored positions are corrupted (block counts that do not sum to the number of kept
@@ -194,40 +199,86 @@ class WEMoETaskVectors(nn.Module):
         """
         if not self.is_sparse:
             return getattr(self, name)
-        buffers = [getattr(self, f"{name}_{part}") for part in ("indices", "block_counts", "values")]
-        key = (*((b.data_ptr(), _version(b)) for b in buffers), buffers[-1].device)
         cached = self._dense_cache.get(name)
-        if cached is None or cached[0] != key:
-            offsets, counts, values = buffers
-            shape = self.shapes[name]
-            positions = self._positions(name, offsets, counts, math.prod(shape))
-            # Built outside inference mode so that a cache first filled during evaluation still serves training.
+        # Storage pointers and version counters cannot be traced, so compiled code trusts the cache; whatever
+        # changes the stored tensors through the module (a load, `set`, a device move) drops it.
+        if cached is not None and (torch.compiler.is_compiling() or cached[0] == self._storage_key(name)):
+            return cached[1]
+        if torch.compiler.is_compiling():
+            # Traced: expand in the graph (the positions were checked when they were loaded) and cache the
+            # result, so that the next call compiles to a graph that reads it. The missing key makes eager code
+            # build its own entry.
             with torch.inference_mode(False), torch.no_grad():
-                dense = torch.zeros(
-                    values.shape[0], math.prod(shape), dtype=values.dtype, device=values.device
-                )
-                dense.scatter_(1, positions, values)
-            cached = (key, dense.view(values.shape[0], *shape))
-            self._dense_cache[name] = cached
-        return cached[1]
+                dense = self._scatter(name, self._positions(name, check=False))
+            self._dense_cache[name] = (None, dense)
+            return dense
+        return self._expand(name)
 
-    def _positions(self, name: str, offsets: torch.Tensor, counts: torch.Tensor, numel: int) -> torch.Tensor:
-        """Decode and check the flat positions (K, nnz) of tensor `name`."""
-        stored = f"{self.key_prefix}{name}"
-        kept = offsets.shape[-1]
-        totals = counts.sum(dim=-1)
-        if bool((counts < 0).any()) or bool((totals != kept).any()):
-            raise ValueError(
-                f"corrupted sparse task vectors: every row of '{stored}_block_counts' must be non-negative and "
-                f"sum to {kept} kept entries (row sums {totals.tolist()}); the checkpoint is damaged, re-create it"
-            )
+    def check_positions(self) -> None:
+        """Check the stored positions of every sparse tensor once (a model runs it when it loads a checkpoint).
+
+        Raises:
+            ValueError: the stored positions are corrupted; names the tensor.
+        """
+        for name in self.shapes if self.is_sparse else ():
+            key = self._storage_key(name)
+            if key[-1].type != "meta" and self._checked.get(name) != key:
+                self._positions(name, check=True)
+                self._checked[name] = key
+
+    def _sparse_buffers(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(getattr(self, f"{name}_{part}") for part in ("indices", "block_counts", "values"))
+
+    def _storage_key(self, name: str) -> tuple:
+        """Identifies the stored tensors of `name` and their contents: pointers, version counters and device."""
+        buffers = self._sparse_buffers(name)
+        return (*((b.data_ptr(), _version(b)) for b in buffers), buffers[-1].device)
+
+    def _expand(self, name: str) -> torch.Tensor:
+        """Expand the sparse task vectors of `name` into the cache, checking positions not checked before."""
+        key = self._storage_key(name)
+        positions = self._positions(name, check=self._checked.get(name) != key)
+        self._checked[name] = key
+        # Built outside inference mode so that a cache first filled during evaluation still serves training.
+        with torch.inference_mode(False), torch.no_grad():
+            dense = self._scatter(name, positions)
+        self._dense_cache[name] = (key, dense)
+        return dense
+
+    def _scatter(self, name: str, positions: torch.Tensor) -> torch.Tensor:
+        values = self._sparse_buffers(name)[-1]
+        dense = torch.zeros(
+            values.shape[0], math.prod(self.shapes[name]), dtype=values.dtype, device=values.device
+        )
+        return dense.scatter_(1, positions, values).view(values.shape[0], *self.shapes[name])
+
+    def _positions(self, name: str, check: bool) -> torch.Tensor:
+        """Decode the flat positions (K, nnz) of tensor `name`, first checking them when `check` is set."""
+        offsets, counts, _ = self._sparse_buffers(name)
+        stored, kept, numel = f"{self.key_prefix}{name}", offsets.shape[-1], math.prod(self.shapes[name])
+        if check:
+            totals = counts.sum(dim=-1)
+            if bool((counts < 0).any()) or bool((totals != kept).any()):
+                raise ValueError(
+                    f"corrupted sparse task vectors: every row of '{stored}_block_counts' must be non-negative "
+                    f"and sum to {kept} kept entries (row sums {totals.tolist()}); the checkpoint is damaged, "
+                    "re-create it"
+                )
         positions = decode_sparse_indices(offsets, counts)
-        if bool((positions[:, 1:] <= positions[:, :-1]).any()) or bool((positions[:, -1] >= numel).any()):
+        if check and (
+            bool((positions[:, 1:] <= positions[:, :-1]).any()) or bool((positions[:, -1] >= numel).any())
+        ):
             raise ValueError(
                 f"corrupted sparse task vectors: '{stored}_indices' with '{stored}_block_counts' do not decode "
                 f"to increasing positions below {numel} (the tensor's size); the checkpoint is damaged, re-create it"
             )
         return positions
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # `load_state_dict` copies into the buffers in place: the cache goes, and the new positions are checked.
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._dense_cache.clear()
+        self.check_positions()
 
     def set(self, name: str, task_vectors: torch.Tensor) -> None:
         """Store the stacked (K, *shape) task vectors of tensor `name`, sparsifying them when configured."""
@@ -334,8 +385,12 @@ class WEMoEMLP(nn.Module):
         return state
 
 
-class WEMoECLIPEncoderLayer(nn.Module):
-    """A CLIP encoder layer (attention, MLP) whose MLP is a [`WEMoEMLP`] when the layer is an MoE layer."""
+class WEMoECLIPEncoderLayer(GradientCheckpointingLayer):
+    """A CLIP encoder layer (attention, MLP) whose MLP is a [`WEMoEMLP`] when the layer is an MoE layer.
+
+    With gradient checkpointing on (`model.gradient_checkpointing_enable()`), training keeps only each layer's
+    input and recomputes the layer in backward.
+    """
 
     def __init__(self, config: WEMoECLIPVisionConfig, is_moe: bool):
         super().__init__()
@@ -383,6 +438,7 @@ class WEMoECLIPEncoder(nn.Module):
             [WEMoECLIPEncoderLayer(config, is_moe=i in moe_layers) for i in range(config.num_hidden_layers)]
         )
         self.router = WEMoERouter(config) if config.shared_router else None
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -394,6 +450,11 @@ class WEMoECLIPEncoder(nn.Module):
     ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple[torch.Tensor, ...]]:
         """Returns `(last_hidden_state, hidden_states, attentions, routing_weights)`."""
         hidden_states = inputs_embeds
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and not hidden_states.requires_grad:
+            # Reentrant checkpointing only back-propagates through a layer whose input requires gradients, and the
+            # frozen embeddings' output does not: without this the routers would get no gradients.
+            hidden_states = hidden_states.detach().requires_grad_(True)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         all_routing = ()
@@ -425,6 +486,7 @@ class WEMoECLIPPreTrainedModel(PreTrainedModel):
     base_model_prefix = "wemoe"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_attention_backend = True
     _no_split_modules = ["WEMoECLIPEncoderLayer", "CLIPVisionEmbeddings"]
@@ -464,11 +526,19 @@ class WEMoECLIPPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """Load like any transformers model; only router parameters require gradients afterwards."""
+        """Load like any transformers model; only router parameters require gradients afterwards.
+
+        Raises:
+            ValueError: sparse task vectors with corrupted positions (names the tensor).
+        """
         loaded = super().from_pretrained(*args, **kwargs)
         # With `output_loading_info=True` transformers returns (model, info).
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_non_router_parameters()
+        # A damaged checkpoint fails here, once, rather than in (and on every trace of) the forward.
+        for module in model.modules():
+            if isinstance(module, WEMoETaskVectors):
+                module.check_positions()
         return loaded
 
     def set_routing(self, routing: str) -> None:

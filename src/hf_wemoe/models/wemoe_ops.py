@@ -218,22 +218,35 @@ class PerSampleLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
-        x, need_x = ctx.saved_tensors[0], ctx.needs_input_grad[0]
+        # Saved tensors are unpacked once: activation checkpointing allows no second unpacking.
+        x, *saved = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
         if ctx.activation is None:
-            grads = PerSampleLinear._backward(ctx, grad_output, x, need_x)
+            grads = PerSampleLinear._backward(ctx, saved, grad_output, x, need_x)
             return *grads, None
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace `torch.autograd.grad`; `torch.func.vjp` computes the same product (but
+            # refuses to run under saved-tensor hooks, such as activation offloading, so eager code keeps grad).
+            if need_x:
+                activated, activation_vjp = torch.func.vjp(ctx.activation, x)
+            else:
+                activated = ctx.activation(x)
+            grad_activated, *grads = PerSampleLinear._backward(ctx, saved, grad_output, activated, need_x)
+            grad_x = activation_vjp(grad_activated)[0] if need_x else None
+            return grad_x, *grads, None
         # Recompute the activation (with its graph when x needs a gradient) and chain through it.
         with torch.enable_grad():
             pre_activation = x.detach().requires_grad_(need_x)
             activated = ctx.activation(pre_activation)
-        grad_activated, *grads = PerSampleLinear._backward(ctx, grad_output, activated.detach(), need_x)
+        grad_activated, *grads = PerSampleLinear._backward(ctx, saved, grad_output, activated.detach(), need_x)
         grad_x = torch.autograd.grad(activated, pre_activation, grad_activated)[0] if need_x else None
         return grad_x, *grads, None
 
     @staticmethod
-    def _backward(ctx, grad_output, x, need_x):
-        """Gradients for (x, routing, weight, bias, weight_deltas, bias_deltas) of the layer applied to `x`."""
-        _, routing, weight, bias, weight_deltas, bias_deltas = ctx.saved_tensors
+    def _backward(ctx, saved, grad_output, x, need_x):
+        """Gradients for (x, routing, weight, bias, weight_deltas, bias_deltas) of the layer applied to `x`;
+        `saved` holds the saved (routing, weight, bias, weight_deltas, bias_deltas)."""
+        routing, weight, bias, weight_deltas, bias_deltas = saved
         need_routing, need_weight, need_bias, need_deltas, need_bias_deltas = ctx.needs_input_grad[1:6]
         acc = routing.dtype
         grad_x = grad_routing = grad_weight = grad_bias = grad_deltas = grad_bias_deltas = None
