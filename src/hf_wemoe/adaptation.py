@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.models.configuration_wemoe import ROUTING_MODES
+from hf_wemoe.models.configuration_wemoe import RoutingMode
+from hf_wemoe.models.modeling_wemoe import is_router_parameter
 from hf_wemoe.zeroshot.classifier import ClassificationTask, ZeroShotClassifier
 from hf_wemoe.zeroshot.data import collate_images
 
@@ -44,7 +45,7 @@ class TrainOptions(BaseModel):
         "entropy",
         description="loss: entropy of the predictions (unlabelled), or cross-entropy with the labels",
     )
-    routing: Literal[ROUTING_MODES] | None = Field(  # type: ignore[valid-type]
+    routing: RoutingMode | None = Field(
         None,
         description="routing mode while training and evaluating",
         json_schema_extra={"default_text": "the model's"},
@@ -81,7 +82,7 @@ class _RouterState:
     """Router weights as a checkpointable object (`state_dict`/`load_state_dict`), so checkpoints stay small."""
 
     def __init__(self, model: torch.nn.Module):
-        self.parameters = dict((name, p) for name, p in model.named_parameters() if ".router." in f".{name}")
+        self.parameters = dict((name, p) for name, p in model.named_parameters() if is_router_parameter(name))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().cpu().clone() for name, p in self.parameters.items()}
@@ -151,7 +152,7 @@ def adapt_routers(
     set_seed(options.seed)
     vision = classifier.vision_model
     if options.routing is not None:
-        vision.config.routing = options.routing
+        vision.set_routing(options.routing)
     classifier.to(accelerator.device)
     heads = {task.name: task.head.to(accelerator.device) for task in tasks}
     routers = vision.router_parameters()

@@ -21,6 +21,7 @@ from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import markdown_table
 from hf_wemoe.io.weights import count_parameters, weight_files
 from hf_wemoe.merging.registry import get_method
+from hf_wemoe.models.configuration_wemoe import DEPRECATED_FIELD_NAMES
 
 
 def _template_dir() -> Path:
@@ -256,13 +257,13 @@ def _recipe(
         )
     names = list(vision_config.get("expert_names") or [])
     refs = vision_config.get("expert_refs") or [NOT_RECORDED] * len(names)
-    sparsity = float(vision_config.get("task_vector_sparsity") or 0.0)
+    sparsity = float(_field(vision_config, "sparsity") or 0.0)
     shared = bool(vision_config.get("shared_router"))
     recipe = {
         "base": vision_config.get("base_model_ref") or NOT_RECORDED,
         "experts": dict(zip(names, refs)),
         "method": "e-wemoe" if shared and sparsity > 0 else "wemoe",
-        "scaling": vision_config.get("init_lambda", 0.3),
+        "scaling": _field(vision_config, "scaling", 0.3),
         "router_depth": vision_config.get("router_depth", 2),
         "sparsity": sparsity,
         "shared_router": shared,
@@ -272,16 +273,25 @@ def _recipe(
     return recipe, None
 
 
+def _field(config: dict[str, Any], name: str, default: Any = None) -> Any:
+    """A WEMoE field of a config.json dict; configs saved before a field was renamed hold its old name."""
+    if name in config:
+        return config[name]
+    old = next((old for old, new in DEPRECATED_FIELD_NAMES.items() if new == name), None)
+    return config.get(old, default) if old else default
+
+
 def _wemoe_fields(config: dict[str, Any]) -> dict[str, Any]:
     """The WEMoE options as the card states them."""
     num_layers = int(config.get("num_hidden_layers") or 0)
     moe_layers = config.get("moe_layers")
+    sparsity = float(_field(config, "sparsity") or 0.0)
     return {
-        "scaling": config.get("init_lambda"),
+        "scaling": _field(config, "scaling"),
         "router_depth": config.get("router_depth"),
         "shared_router": bool(config.get("shared_router")),
-        "sparsity": float(config.get("task_vector_sparsity") or 0.0),
-        "kept_percent": f"{100 * (1 - float(config.get('task_vector_sparsity') or 0.0)):.3g}",
+        "sparsity": sparsity,
+        "kept_percent": f"{100 * (1 - sparsity):.3g}",
         "routing": config.get("routing", "sample"),
         "dtype": config.get("task_vector_dtype", "float32"),
         "moe_layers": "all" if moe_layers is None else ", ".join(str(i) for i in moe_layers),

@@ -43,6 +43,8 @@ IGNORE_PATTERNS = [".*", "*/.*", "__pycache__/*", "*/__pycache__/*", "*.pyc", "*
 # Status codes worth retrying: timeout, rate limit, server errors.
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# `from .name import ...` in a model code file: a sibling file that trust_remote_code also loads.
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\b", re.MULTILINE)
 
 
 @dataclass
@@ -211,13 +213,27 @@ def _check_code_files(path: Path, config: dict[str, Any]) -> None:
             "load it; re-save the model with save_pretrained"
         )
     modules = {str(entry).rsplit(".", 1)[0] for entry in auto_map.values() if isinstance(entry, str)}
-    needed = sorted(modules | {"configuration_wemoe", "modeling_wemoe"})
-    missing = [f"{name}.py" for name in needed if not (path / f"{name}.py").is_file()]
+    needed = _with_sibling_imports(path, modules | {"configuration_wemoe", "modeling_wemoe"})
+    missing = [f"{name}.py" for name in sorted(needed) if not (path / f"{name}.py").is_file()]
     if missing:
         raise WEMoEError(
             f"'{path}' lacks the model code file {missing[0]} that trust_remote_code loads; re-save the model "
             "with save_pretrained"
         )
+
+
+def _with_sibling_imports(path: Path, modules: set[str]) -> set[str]:
+    """`modules` and every module they import relatively (`from .name import ...`), read from the folder's files."""
+    needed, pending = set(modules), list(modules)
+    while pending:
+        file = path / f"{pending.pop()}.py"
+        if not file.is_file():
+            continue
+        for name in _RELATIVE_IMPORT.findall(file.read_text(encoding="utf-8")):
+            if name not in needed:
+                needed.add(name)
+                pending.append(name)
+    return needed
 
 
 def _check_weights(path: Path, model: Any) -> None:

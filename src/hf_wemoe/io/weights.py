@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hf_wemoe.models.modeling_wemoe import is_router_parameter
+
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Key endings of the tensors that hold the positions of sparse task-vector entries.
@@ -109,7 +111,7 @@ def count_parameters(folder: str | os.PathLike) -> dict[str, int]:
         if ".task_vectors." in key and key.endswith(SPARSE_POSITION_SUFFIXES):
             continue
         numel = math.prod(shape)
-        role = "router" if ".router." in f".{key}" else "task_vectors" if ".task_vectors." in key else "other"
+        role = "router" if is_router_parameter(key) else "task_vectors" if ".task_vectors." in key else "other"
         counts[role] += numel
         counts["total"] += numel
     return counts

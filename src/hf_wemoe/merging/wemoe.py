@@ -16,7 +16,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
 from hf_wemoe.merging.base import MergeJob, MergeMethod
-from hf_wemoe.models.configuration_wemoe import WEMoECLIPVisionConfig
+from hf_wemoe.models.configuration_wemoe import DEPRECATED_FIELD_NAMES, WEMoECLIPVisionConfig
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
 from hf_wemoe.utils.formatting import parse_size
 
@@ -35,10 +35,11 @@ def is_mlp_tensor(key: str) -> tuple[int, str] | None:
 def wemoe_config(base_config: CLIPVisionConfig, expert_names: list[str], **options) -> WEMoECLIPVisionConfig:
     """The WEMoE config for a base architecture, expert names and WEMoE options (config field names).
 
-    Unknown option names raise `WEMoEError`; invalid values raise it with the config's message.
+    Unknown option names raise `WEMoEError`; invalid values raise it with the config's message. The deprecated
+    names of renamed fields (`init_lambda`, `task_vector_sparsity`) still work, with a FutureWarning.
     """
     fields = set(WEMoECLIPVisionConfig.__dataclass_fields__) - set(CLIPVisionConfig.__dataclass_fields__)
-    unknown = sorted(set(options) - fields)
+    unknown = sorted(set(options) - fields - set(DEPRECATED_FIELD_NAMES))
     if unknown:
         raise WEMoEError(
             f"unknown WEMoE option(s) {unknown}; valid options: {sorted(fields - {'expert_names'})}"
@@ -68,7 +69,7 @@ def upscale_tensors(
     sparsity. Routers are not yielded: they are initialised by the model.
     """
     moe_layers = set(config.moe_layer_indices)
-    scale = float(config.init_lambda)
+    scale = float(config.scaling)
     for key in keys:
         theta0 = base(key)
         task_vectors = []
@@ -112,8 +113,8 @@ def build_wemoe(
         base: the pretrained `CLIPVisionModel`.
         experts: expert name -> `CLIPVisionModel` fine-tuned from `base`.
         seed: seed of the router initialisation (the only random part), for reproducible builds.
-        **options: WEMoE config fields, e.g. `init_lambda=0.3`, `router_depth=2`, `shared_router=True`,
-            `task_vector_sparsity=0.9`, `task_vector_dtype="bfloat16"`, `routing="batch"`, `moe_layers=[...]`.
+        **options: WEMoE config fields, e.g. `scaling=0.3`, `router_depth=2`, `shared_router=True`,
+            `sparsity=0.9`, `task_vector_dtype="bfloat16"`, `routing="batch"`, `moe_layers=[...]`.
 
     Raises:
         WEMoEError: no experts, or invalid options.
@@ -153,16 +154,13 @@ class WEMoE(MergeMethod):
 
     def write(self, job: MergeJob, folder: Path) -> None:
         options = self.options
-        # The recipe's names are the config's names (`scaling`, `sparsity`); configs that predate the rename
-        # call them `init_lambda` and `task_vector_sparsity`.
-        renamed = "scaling" in WEMoECLIPVisionConfig.__dataclass_fields__
         config = wemoe_config(
             job.base.config,
             list(job.experts),
-            **{"scaling" if renamed else "init_lambda": options.scaling},
-            **{"sparsity" if renamed else "task_vector_sparsity": options.sparsity},
+            scaling=options.scaling,
             router_depth=options.router_depth,
             shared_router=options.shared_router,
+            sparsity=options.sparsity,
             task_vector_dtype=options.task_vector_dtype,
             routing=options.routing,
             base_model_ref=job.base.reference.text,

@@ -21,7 +21,7 @@ from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import EvalResult, evaluate_tasks, write_results
 from hf_wemoe.hub.cards import write_card
 from hf_wemoe.io.outputs import atomic_output_dir, check_output_dir
-from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
 from hf_wemoe.workflows.plots import plot_routing
 from hf_wemoe.workflows.tasks import TaskOptions, load_tasks, require, routing_mode
 
@@ -174,7 +174,7 @@ def _router_state(model: WEMoECLIPVisionModel) -> dict:
     return {
         name: parameter.detach().clone()
         for name, parameter in model.named_parameters()
-        if ".router." in f".{name}"
+        if is_router_parameter(name)
     }
 
 
