@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.utils.formatting import first_line
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool]:
@@ -79,7 +80,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise WEMoEError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+        raise WEMoEError(f"config file {path} is not valid YAML: {first_line(err)}") from err
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.merging.base import MergeMethod
 from hf_wemoe.merging.registry import get_method, merge_methods
-from hf_wemoe.utils.formatting import parse_size
+from hf_wemoe.utils.formatting import one_line, parse_size
 
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
@@ -286,7 +286,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise WEMoEError(f"cannot read config file '{path}': {err.strerror or err}") from err
     except yaml.YAMLError as err:
-        raise WEMoEError(f"invalid YAML in '{path}': {' '.join(str(err).split())}") from err
+        raise WEMoEError(f"invalid YAML in '{path}': {one_line(err)}") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
