@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_options(
         EvalConfig, args, args.config, convert={"task": lambda v: parse_named(v, "--task")}
     )
-    result = run_eval(config, progress=not args.quiet)
+    result = run_eval(config, progress=False if args.quiet else None)
     print(format_results(result, config.model))
     print(f"results written to {config.output_json}")
     return 0

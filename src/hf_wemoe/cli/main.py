@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from hf_wemoe.cli.commands import COMMANDS
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.utils.progress import quiet_libraries, set_verbosity
 from hf_wemoe.version import __version__
 
 
@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"hf-wemoe {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show hf-wemoe's debug logging (other libraries stay quiet)"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"hf_wemoe.cli.{name}")
@@ -31,31 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Keep the libraries' per-load progress bars and advisory warnings out of the command's output."""
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if not args.verbose:
-        _quiet_libraries()
+    set_verbosity(quiet=getattr(args, "quiet", False), verbose=args.verbose)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with quiet_libraries(show_progress=None):
+            return int(args._run(args) or 0)
     except WEMoEError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 # Kept in sync with hf_wemoe.toy.build.PRESETS; listed here so that building the parser stays import-light.
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset,
         seed=args.seed,
         output_dir=args.output,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=False if args.quiet else None,
         force=args.force,
         workers=args.workers,
     )

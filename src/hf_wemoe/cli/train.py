@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_options(
         TrainConfig, args, args.config, convert={"task": lambda values: parse_named(values, "--task")}
     )
-    summary = run_train(config, progress=not args.quiet)
+    summary = run_train(config, progress=False if args.quiet else None)
     if not summary["is_main_process"]:
         return 0
     print(
