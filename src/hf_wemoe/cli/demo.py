@@ -60,34 +60,23 @@ def run(args: argparse.Namespace) -> int:
     from hf_wemoe.toy.build import get_toy_zoo
     from hf_wemoe.workflows.experiment import (
         ExperimentOptions,
-        Suite,
-        SuiteTask,
         results_markdown,
         run_experiment,
-        write_results,
+        save_results,
     )
-    from hf_wemoe.zeroshot.templates import register_templates
+    from hf_wemoe.workflows.suites import toy_suite
 
+    progress = False if args.quiet else None
     start = time.perf_counter()
     print(f"toy zoo ({args.preset} preset, seed {args.seed}): building or reusing ...", flush=True)
-    zoo = get_toy_zoo(args.preset, seed=args.seed, output_dir=args.zoo, progress=not args.quiet)
+    zoo = get_toy_zoo(args.preset, seed=args.seed, output_dir=args.zoo, progress=progress)
     print(f"toy zoo at {zoo.root}: {len(zoo.tasks)} tasks ({', '.join(zoo.tasks)})", flush=True)
-    for task in zoo.tasks:
-        register_templates(task, zoo.templates[task], overwrite=True)
-    split = "test" if args.max_test_images is None else f"test[:{args.max_test_images}]"
-    suite = Suite(
-        name=f"toy zoo ({zoo.preset})",
-        base=str(zoo.base_path),
-        tasks=[
-            SuiteTask(t, str(zoo.expert_path(t)), f"{zoo.dataset_path(t)}#{split}", templates=t)
-            for t in zoo.tasks
-        ],
-    )
+    suite = toy_suite(zoo, max_test_images=args.max_test_images)
     options = ExperimentOptions(
         train=TrainOptions(
             steps=args.steps, lr=args.lr, batch_size_per_task=args.batch_size_per_task, seed=args.seed
         ),
-        progress=not args.quiet,
+        progress=progress,
     )
     with tempfile.TemporaryDirectory(prefix="hf-wemoe-demo-") as scratch:
         rows = run_experiment(suite, args.workdir or scratch, options)
@@ -99,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         f"lr {args.lr}, {args.batch_size_per_task} images per task and step; accuracy in percent on the test splits."
     )
     if args.output is not None:
-        write_results(rows, suite.task_names, args.output, preamble=note)
+        save_results(rows, suite.task_names, args.output, preamble=note)
         print(f"\nresults written to {args.output}/results.md and results.json")
     print(f"done in {time.perf_counter() - start:.0f}s")
     return 0
