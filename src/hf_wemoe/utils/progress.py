@@ -103,9 +103,14 @@ class ProgressBar:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(
-                total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit=unit,
+                file=sys.stderr,
+                dynamic_ncols=True,
                 leave=False,
-            )  # fmt: skip
+            )
         elif total is None or total > 1:
             # Say at once which stage runs: the first periodic line may be minutes away.
             self._log()
