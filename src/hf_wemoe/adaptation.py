@@ -20,11 +20,11 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.models.configuration_wemoe import RoutingMode
 from hf_wemoe.models.modeling_wemoe import is_router_parameter
+from hf_wemoe.utils.progress import progress_bar
 from hf_wemoe.zeroshot.classifier import ClassificationTask, ZeroShotClassifier
 from hf_wemoe.zeroshot.data import collate_images
 
@@ -115,10 +115,13 @@ def adapt_routers(
     resume_from: str | Path | None = None,
     report_to: str | Sequence[str] | None = None,
     run_config: dict | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Train the routers of `classifier.vision_model` in place; returns a summary (steps, final loss, time).
+
+    `progress` reports steps, loss and images per second on the main process (a bar on a terminal, log lines
+    elsewhere; None follows the package's progress policy, False shows nothing).
 
     Raises `WEMoEError` for a model without routers, unlabelled data with the supervised objective, or a
     non-finite loss.
@@ -170,11 +173,12 @@ def adapt_routers(
 
     local_batch = options.batch_size_per_task // world
     start_time, images, last_loss = time.perf_counter(), 0, float("nan")
-    bar = tqdm(
-        total=options.steps,
+    bar = progress_bar(
+        options.steps,
+        "adapting routers",
+        unit="step",
+        show=progress if accelerator.is_local_main_process else False,
         initial=progress_state.step,
-        desc="adapting routers",
-        disable=not (progress and accelerator.is_local_main_process),
     )
     classifier.train()
     while progress_state.step < options.steps:
@@ -219,8 +223,7 @@ def adapt_routers(
         if on_step is not None:
             on_step(progress_state.step, last_loss)
         rate = images / max(time.perf_counter() - start_time, 1e-9)
-        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
-        bar.update(1)
+        bar.update(1, loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
         if report_to and progress_state.step % options.log_every == 0:
             accelerator.log({"loss": last_loss, "lr": scheduler.get_last_lr()[0]}, step=progress_state.step)
         if checkpoint_dir and options.save_every and progress_state.step % options.save_every == 0:

@@ -19,9 +19,19 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import markdown_table
+from hf_wemoe.io.layout import (
+    CARD_NAME,
+    CONFIG_NAME,
+    EVAL_RESULTS_NAME,
+    MERGE_CONFIG_NAME,
+    PREPROCESSOR_NAME,
+    ROUTING_PLOT_NAME,
+    TOKENIZER_FILES,
+)
 from hf_wemoe.io.weights import count_parameters, weight_files
 from hf_wemoe.merging.registry import get_method
 from hf_wemoe.models.configuration_wemoe import DEPRECATED_FIELD_NAMES
+from hf_wemoe.utils.formatting import format_size, one_line
 
 
 def _template_dir() -> Path:
@@ -39,11 +49,6 @@ TEMPLATE_DIR = _template_dir()
 HUB_URL = "https://huggingface.co"
 PROJECT_URL = "https://github.com/hf-wemoe/hf-wemoe"
 
-CARD_NAME = "README.md"
-EVAL_RESULTS_NAME = "eval_results.json"
-ROUTING_PLOT_NAME = "routing.png"
-MERGE_CONFIG_NAME = "merge_config.yaml"
-
 # model_type in config.json -> (is WEMoE, is a full CLIP model with a text tower).
 MODEL_KINDS = {
     "wemoe_clip_vision_model": (True, False),
@@ -51,7 +56,6 @@ MODEL_KINDS = {
     "clip_vision_model": (False, False),
     "clip": (False, True),
 }
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json")
 # The reference of a source that a model built in Python did not record.
 NOT_RECORDED = "not recorded"
 
@@ -93,7 +97,7 @@ def validate_card(text: str) -> ModelCard:
     try:
         card = ModelCard(text)
     except Exception as err:  # noqa: BLE001 -- YAML and metadata errors of many kinds
-        raise WEMoEError(f"invalid model card metadata: {' '.join(str(err).split())}") from err
+        raise WEMoEError(f"invalid model card metadata: {one_line(err)}") from err
     return card
 
 
@@ -119,7 +123,7 @@ def model_card(
         WEMoEError: the folder has no readable config.json, or the card does not validate.
     """
     folder = Path(folder)
-    config = _read_json(folder / "config.json", "config.json")
+    config = _read_json(folder / CONFIG_NAME, CONFIG_NAME)
     model_type = config.get("model_type")
     if model_type not in MODEL_KINDS:
         raise WEMoEError(
@@ -186,11 +190,11 @@ def model_card(
         "recipe_yaml": recipe_yaml,
         "wemoe": _wemoe_fields(vision_config) if is_wemoe else {},
         "parameters": {key: f"{value:,}" for key, value in parameters.items()},
-        "weights_size": _format_size(weights_bytes),
-        "has_preprocessor": (folder / "preprocessor_config.json").is_file(),
+        "weights_size": format_size(weights_bytes),
+        "has_preprocessor": (folder / PREPROCESSOR_NAME).is_file(),
         "has_tokenizer": any((folder / name).is_file() for name in TOKENIZER_FILES),
         "processor_ref": model_id
-        if (folder / "preprocessor_config.json").is_file()
+        if (folder / PREPROCESSOR_NAME).is_file()
         else (base["repo_id"] or base["ref"]),
         "adaptation": adaptation,
         "results": results,
@@ -411,10 +415,6 @@ def _results(folder: Path, adaptation: dict[str, Any] | None) -> dict[str, Any] 
         "datasets": datasets,
         "eval_results": eval_results,
     }
-
-
-def _format_size(size: int) -> str:
-    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 __all__ = ["TEMPLATE_DIR", "merge_card", "model_card", "render_card", "validate_card", "write_card"]

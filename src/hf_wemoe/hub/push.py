@@ -28,18 +28,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.utils.formatting import format_size
+from hf_wemoe.io.layout import CARD_NAME, CONFIG_NAME, PREPROCESSOR_NAME, TOKENIZER_CONFIG_NAME
+from hf_wemoe.io.outputs import make_staging_dir, remove_stale_staging
+from hf_wemoe.utils.formatting import first_line, format_size, one_line
+from hf_wemoe.utils.progress import log_stage, progress_enabled, quiet_libraries
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CONFIG_NAME = "config.json"
-CARD_NAME = "README.md"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 # Never uploaded: hidden files, caches, leftovers of interrupted writes.
 IGNORE_PATTERNS = [".*", "*/.*", "__pycache__/*", "*/__pycache__/*", "*.pyc", "*.tmp-*", "*.partial"]
+# Temporary upload folders: `<tmp>/hf-wemoe-push-<host>-<pid>-XXXX`.
+STAGING_STEM = "hf-wemoe-push"
 # Status codes worth retrying: timeout, rate limit, server errors.
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -137,9 +138,9 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
     except (OSError, ValueError) as err:
-        raise WEMoEError(f"'{folder}/{CONFIG_NAME}' is not valid JSON: {_one_line(err)}") from err
+        raise WEMoEError(f"'{folder}/{CONFIG_NAME}' is not valid JSON: {one_line(err)}") from err
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    classes = _model_classes()
+    classes = model_classes()
     if model_type not in classes:
         raise WEMoEError(
             f"'{folder}' holds a {model_type!r} model; hf-wemoe push uploads WEMoE models and CLIP (vision) models "
@@ -159,7 +160,7 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
         config_object = model_class.config_class.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 -- invalid fields of any kind
         raise WEMoEError(
-            f"'{folder}/{CONFIG_NAME}' is not a valid {model_type} config: {_one_line(err)}"
+            f"'{folder}/{CONFIG_NAME}' is not a valid {model_type} config: {one_line(err)}"
         ) from err
     # The weights are checked against the model's own tensors first (a model on the meta device costs nothing):
     # transformers would fill missing ones with random values and only warn.
@@ -167,10 +168,10 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
         skeleton = model_class(config_object)
     _check_weights(path, skeleton)
     try:
-        with _quiet_transformers():
+        with quiet_libraries():
             model = model_class.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 -- any load failure means the folder is broken
-        raise WEMoEError(f"'{folder}' does not load as a {model_class.__name__}: {_one_line(err)}") from err
+        raise WEMoEError(f"'{folder}' does not load as a {model_class.__name__}: {one_line(err)}") from err
     if full_clip:
         tokenizer, processor = _load_processors(path)
     else:
@@ -184,24 +185,26 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
         with torch.no_grad():
             _dummy_forward(model, tokenizer, processor)
     except Exception as err:  # noqa: BLE001
-        raise WEMoEError(f"the model in '{folder}' loads but does not run: {_one_line(err)}") from err
+        raise WEMoEError(f"the model in '{folder}' loads but does not run: {one_line(err)}") from err
     info.files = _files_to_upload(path)
     return info
 
 
-def _model_classes() -> dict[str, tuple[Any, bool, bool]]:
-    """config.json model_type -> (model class, is WEMoE, is a full CLIP model)."""
+def model_classes() -> dict[str, tuple[Any, bool, bool]]:
+    """config.json model_type -> (model class, is WEMoE, is a full CLIP model), for the kinds of `MODEL_KINDS`."""
     from transformers import CLIPModel, CLIPVisionModel
 
+    from hf_wemoe.hub.cards import MODEL_KINDS
     from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
     from hf_wemoe.models.modeling_wemoe_clip import WEMoECLIPModel
 
-    return {
-        "wemoe_clip_vision_model": (WEMoECLIPVisionModel, True, False),
-        "wemoe_clip": (WEMoECLIPModel, True, True),
-        "clip_vision_model": (CLIPVisionModel, False, False),
-        "clip": (CLIPModel, False, True),
+    classes = {
+        "wemoe_clip_vision_model": WEMoECLIPVisionModel,
+        "wemoe_clip": WEMoECLIPModel,
+        "clip_vision_model": CLIPVisionModel,
+        "clip": CLIPModel,
     }
+    return {model_type: (classes[model_type], *kind) for model_type, kind in MODEL_KINDS.items()}
 
 
 def _check_code_files(path: Path, config: dict[str, Any]) -> None:
@@ -243,7 +246,7 @@ def _check_weights(path: Path, model: Any) -> None:
     try:
         stored = {key: shape for key, (shape, _) in tensor_shapes(path).items()}
     except Exception as err:  # noqa: BLE001 -- unreadable or corrupt safetensors files
-        raise WEMoEError(f"the weights in '{path}' cannot be read: {_one_line(err)}") from err
+        raise WEMoEError(f"the weights in '{path}' cannot be read: {one_line(err)}") from err
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     missing = [key for key in expected if key not in stored]
     unexpected = [key for key in stored if key not in expected]
@@ -281,11 +284,11 @@ def _load_processors(path: Path) -> tuple[Any, Any]:
             "base model's image processor into the folder"
         )
     try:
-        with _quiet_transformers():
+        with quiet_libraries():
             return AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
     except Exception as err:  # noqa: BLE001
         raise WEMoEError(
-            f"the tokenizer or image processor in '{path}' does not load: {_one_line(err)}"
+            f"the tokenizer or image processor in '{path}' does not load: {one_line(err)}"
         ) from err
 
 
@@ -341,14 +344,13 @@ def push_folder(
         keep_card: upload the folder's README.md as it is instead of rendering the card for `repo_id`.
         max_attempts, backoff: tries per Hub call on transient errors, and the first wait in seconds (doubled each
             try, at most 30 s).
-        show_progress: huggingface_hub's upload progress bars; by default only on a terminal.
+        show_progress: report the upload (huggingface_hub's bars on a terminal, a log line elsewhere); by default
+            unless `--quiet` or `HF_HUB_DISABLE_PROGRESS_BARS` (see `hf_wemoe.utils.progress`).
 
     Raises:
         WEMoEError: malformed repo id, no token, a broken model folder, or a Hub error (one line). Nothing is
             committed then, and a repo this push created is deleted again.
     """
-    import sys
-
     repo_id = check_repo_id(repo_id)
     token = check_token(token)
     if branch is not None and not str(branch).strip():
@@ -356,13 +358,13 @@ def push_folder(
     model = validate_model_folder(folder)
     for warning in model.warnings:
         logger.warning(warning)
-    show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+    show_progress = progress_enabled(show_progress)
 
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     retry = _Retry(max_attempts, backoff, repo_id)
-    with _upload_staging(model, repo_id, keep_card) as staging, _progress_bars(show_progress):
+    with _upload_staging(model, repo_id, keep_card) as staging, quiet_libraries(show_progress):
         exists = retry(lambda: api.repo_exists(repo_id), "check the repo")
         created = False
         try:
@@ -374,6 +376,7 @@ def push_folder(
             if branch and branch != "main":
                 retry(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), "create the branch")
             message = commit_message or _default_message(model)
+            log_stage(f"push: uploading {len(_staged_names(model))} files to {repo_id}", show_progress)
             info = retry(
                 lambda: api.upload_folder(
                     repo_id=repo_id,
@@ -418,11 +421,13 @@ def _upload_staging(model: ModelFolder, repo_id: str, keep_card: bool) -> Iterat
     """A temporary folder with links to the model's files and the card rendered for `repo_id`.
 
     The model folder itself is not changed. Files are hard-linked when possible (same file system), else
-    symbolically linked; upload_folder reads through both.
+    symbolically linked; upload_folder reads through both. The folder's name carries this process's id, so the
+    next push removes what a killed one left behind.
     """
     from hf_wemoe.hub.cards import model_card, validate_card
 
-    staging = Path(tempfile.mkdtemp(prefix="hf-wemoe-push-"))
+    remove_stale_staging(tempfile.gettempdir(), STAGING_STEM)
+    staging = make_staging_dir(tempfile.gettempdir(), STAGING_STEM)
     try:
         for name in model.files:
             if name == CARD_NAME:
@@ -465,7 +470,7 @@ class _Retry:
                     "%s: %s failed (%s); retrying in %.1fs (attempt %d of %d)",
                     self.repo_id,
                     what,
-                    _one_line(err),
+                    one_line(err),
                     wait,
                     attempt + 1,
                     self.max_attempts,
@@ -499,7 +504,7 @@ def hub_error(err: BaseException, repo_id: str, what: str, attempts: int = 1) ->
         return err
     if isinstance(err, HfHubHTTPError):
         status = getattr(getattr(err, "response", None), "status_code", None)
-        detail = _one_line(err.server_message or str(err).splitlines()[0])
+        detail = one_line(err.server_message or first_line(err))
         if status == 401:
             return WEMoEError(
                 f"the Hub refused the token (401 Unauthorized) when trying to {what} for '{repo_id}'; log in with "
@@ -521,14 +526,14 @@ def hub_error(err: BaseException, repo_id: str, what: str, attempts: int = 1) ->
         return WEMoEError(f"push to '{repo_id}' failed{tried} trying to {what}: {status} {detail}; {nothing}")
     if isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err):
         return WEMoEError(
-            f"the Hub refused the model card metadata of '{repo_id}': {_one_line(err)}; {nothing}"
+            f"the Hub refused the model card metadata of '{repo_id}': {one_line(err)}; {nothing}"
         )
     if is_transient(err):
         return WEMoEError(
             f"cannot reach the Hub at {constants.ENDPOINT}{tried} trying to {what} for '{repo_id}': "
-            f"{_one_line(err)}; {nothing}"
+            f"{one_line(err)}; {nothing}"
         )
-    return WEMoEError(f"push to '{repo_id}' failed trying to {what}: {_one_line(err)}; {nothing}")
+    return WEMoEError(f"push to '{repo_id}' failed trying to {what}: {one_line(err)}; {nothing}")
 
 
 def _delete_created_repo(api: Any, repo_id: str) -> None:
@@ -537,44 +542,8 @@ def _delete_created_repo(api: Any, repo_id: str) -> None:
         api.delete_repo(repo_id, missing_ok=True)
     except Exception as err:  # noqa: BLE001
         logger.warning(
-            "could not delete the empty repo %s created by the failed push: %s", repo_id, _one_line(err)
+            "could not delete the empty repo %s created by the failed push: %s", repo_id, one_line(err)
         )
-
-
-@contextlib.contextmanager
-def _progress_bars(show: bool) -> Iterator[None]:
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    if not show:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not show and not was_disabled:
-            enable_progress_bars()
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Keep loading messages and progress bars of transformers out of the command's output."""
-    from transformers.utils import logging as transformers_logging
-
-    verbosity = transformers_logging.get_verbosity()
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-        if bars:
-            transformers_logging.enable_progress_bar()
-
-
-def _one_line(err: BaseException | str) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
 
 
 __all__ = [
@@ -584,6 +553,7 @@ __all__ = [
     "check_token",
     "hub_error",
     "is_transient",
+    "model_classes",
     "push_folder",
     "validate_model_folder",
 ]

@@ -28,15 +28,21 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from hf_wemoe.errors import SourceError
+from hf_wemoe.io.layout import (
+    CONFIG_NAME,
+    PICKLE_INDEX_NAME,
+    PICKLE_NAME,
+    PREPROCESSOR_NAME,
+    SAFETENSORS_INDEX_NAME,
+    SAFETENSORS_NAME,
+)
+from hf_wemoe.utils.formatting import one_line
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-SAFETENSORS_NAME = "model.safetensors"
-SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
-PICKLE_NAME = "pytorch_model.bin"
-PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+# Fields that transformers writes into every config.json about the file itself, never about the architecture:
+# dropped before a config's values build another config.
+CONFIG_METADATA_FIELDS = ("model_type", "transformers_version", "architectures")
 
 # Prefix of the vision tower in transformers-4 `CLIPVisionModel` checkpoints and in full `CLIPModel` ones.
 VISION_PREFIX = "vision_model."
@@ -144,7 +150,7 @@ class SafetensorsFile:
                     self.dtypes[key] = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.uint8)
         except (SafetensorError, OSError, ValueError) as err:
             raise SourceError(
-                f"cannot read safetensors file '{path}': {_one_line(err)}; the file is corrupt or incomplete, "
+                f"cannot read safetensors file '{path}': {one_line(err)}; the file is corrupt or incomplete, "
                 "delete it (or the Hub cache entry) and download it again"
             ) from err
 
@@ -156,7 +162,7 @@ class SafetensorsFile:
             with safe_open(str(self.path), framework="pt") as handle:
                 return handle.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as err:
-            raise SourceError(f"cannot read tensor '{key}' from '{self.path}': {_one_line(err)}") from err
+            raise SourceError(f"cannot read tensor '{key}' from '{self.path}': {one_line(err)}") from err
 
 
 class PickleFile:
@@ -171,7 +177,7 @@ class PickleFile:
                 self.state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 -- any unpickling failure is a bad checkpoint
             raise SourceError(
-                f"cannot load '{path}' with torch.load(weights_only=True): {_one_line(err)}"
+                f"cannot load '{path}' with torch.load(weights_only=True): {one_line(err)}"
             ) from err
         if not isinstance(self.state, dict):
             raise SourceError(f"'{path}' does not hold a state dict (found {type(self.state).__name__})")
@@ -297,7 +303,7 @@ def read_vision_config(path: Path, what: str = "") -> CLIPVisionConfig:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise SourceError(f"cannot read {path}: {_one_line(err)}") from err
+        raise SourceError(f"cannot read {path}: {one_line(err)}") from err
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type == _FULL_CLIP_MODEL_TYPE:
         data = data.get("vision_config") or {}
@@ -306,13 +312,11 @@ def read_vision_config(path: Path, what: str = "") -> CLIPVisionConfig:
             f"'{what}' is a '{model_type}' model; expected a CLIP vision model ('{_VISION_MODEL_TYPE}') or a "
             f"full CLIP model ('{_FULL_CLIP_MODEL_TYPE}') fine-tuned from the same base"
         )
-    values = {
-        k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "architectures")
-    }
+    values = {k: v for k, v in data.items() if k not in CONFIG_METADATA_FIELDS}
     try:
         return CLIPVisionConfig(**values)
     except (TypeError, ValueError) as err:
-        raise SourceError(f"invalid CLIP vision config in '{what}': {_one_line(err)}") from err
+        raise SourceError(f"invalid CLIP vision config in '{what}': {one_line(err)}") from err
 
 
 def expected_keys(config: CLIPVisionConfig) -> dict[str, tuple[int, ...]]:
@@ -324,11 +328,6 @@ def expected_keys(config: CLIPVisionConfig) -> dict[str, tuple[int, ...]]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Internals
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
 
 
 def _pickle_refusal(ref: ModelReference, name: str) -> SourceError:
@@ -366,7 +365,7 @@ def _read_weight_map(path: Path) -> dict[str, str]:
         if not isinstance(weight_map, dict):
             raise ValueError("'weight_map' is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SourceError(f"cannot read the shard index '{path}': {_one_line(err)}") from err
+        raise SourceError(f"cannot read the shard index '{path}': {one_line(err)}") from err
     for name in weight_map.values():
         if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
             raise SourceError(f"the shard index '{path}' names an invalid file {name!r}")
@@ -433,7 +432,7 @@ def _download(ref: ModelReference, allow_pickle: bool) -> tuple[Path, list[Path]
     except SourceError:
         raise
     except Exception as err:  # noqa: BLE001 -- network and HTTP failures become one readable line
-        raise SourceError(f"cannot download '{ref.text}' from {where}: {_one_line(err)}") from err
+        raise SourceError(f"cannot download '{ref.text}' from {where}: {one_line(err)}") from err
     folder = Path(folder)
     return folder, [folder / name for name in files], kind, commit
 
@@ -479,6 +478,7 @@ def _index_tensors(source: ModelSource, files: list[SafetensorsFile | PickleFile
 
 
 __all__ = [
+    "CONFIG_METADATA_FIELDS",
     "ModelReference",
     "ModelSource",
     "SafetensorsFile",

@@ -11,10 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hf_wemoe.io.layout import SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME
 from hf_wemoe.models.modeling_wemoe import is_router_parameter
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Key endings of the tensors that hold the positions of sparse task-vector entries.
 SPARSE_POSITION_SUFFIXES = ("_indices", "_block_counts")
 
@@ -62,7 +61,7 @@ class ShardedSafetensorsWriter:
         """Write the last shard, give the shards their final names, write the index; returns the files."""
         self._flush()
         if len(self._shards) == 1:
-            target = self.folder / WEIGHTS_NAME
+            target = self.folder / SAFETENSORS_NAME
             os.replace(self._shards[0][0], target)
             return [target]
         count = len(self._shards)
@@ -74,7 +73,7 @@ class ShardedSafetensorsWriter:
             files.append(target)
             weight_map.update({key: target.name for key in keys})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        index_path = self.folder / WEIGHTS_INDEX_NAME
+        index_path = self.folder / SAFETENSORS_INDEX_NAME
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return [*files, index_path]
 
@@ -82,11 +81,11 @@ class ShardedSafetensorsWriter:
 def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The safetensors files of a saved model folder (single file or the shards its index lists)."""
     folder = Path(folder)
-    index = folder / WEIGHTS_INDEX_NAME
+    index = folder / SAFETENSORS_INDEX_NAME
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [folder / name for name in names]
-    return [folder / WEIGHTS_NAME] if (folder / WEIGHTS_NAME).is_file() else []
+    return [folder / SAFETENSORS_NAME] if (folder / SAFETENSORS_NAME).is_file() else []
 
 
 def tensor_shapes(folder: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -56,6 +56,9 @@ class MergeMethod(ABC):
     """File name of the model card template in `model_cards/` (package `hf_wemoe.hub.model_cards`)."""
     tags: ClassVar[tuple[str, ...]] = ()
     """Extra Hub tags for the model card."""
+    is_moe: ClassVar[bool] = False
+    """True when the method writes a mixture-of-experts model with routers to adapt (WEMoE), False when it writes
+    one static model."""
 
     def __init__(self, options: Any):
         self.options = options

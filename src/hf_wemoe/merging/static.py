@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -52,6 +53,19 @@ def task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tenso
     return torch.stack([expert.float() - base for expert in experts])
 
 
+def task_arithmetic(base: torch.Tensor, experts: Iterable[torch.Tensor], scaling: float) -> torch.Tensor:
+    """theta0 + scaling * sum_k (theta_k - theta0), in float32 (scaling 1/K gives the experts' mean).
+
+    The task vectors are summed one at a time in expert order, so memory holds one of them besides the sum, and
+    every caller (the merge methods, WEMoE outside its MLPs, the toy world's table) gets the same bits.
+    """
+    base = base.float()
+    total = torch.zeros_like(base)
+    for expert in experts:
+        total += expert.float() - base
+    return base + scaling * total
+
+
 class TaskArithmetic(StaticMergeMethod):
     """theta0 + lambda * sum_k tau_k."""
 
@@ -61,11 +75,7 @@ class TaskArithmetic(StaticMergeMethod):
     tags = ("task-arithmetic",)
 
     def merge_tensor(self, key: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
-        base = base.float()
-        total = torch.zeros_like(base)
-        for expert in experts:  # accumulated in place: no (K, *shape) stack
-            total.add_(expert.float()).sub_(base)
-        return base + self.options.scaling * total
+        return task_arithmetic(base, experts, self.options.scaling)
 
 
 class Average(StaticMergeMethod):
@@ -129,4 +139,4 @@ class Ties(StaticMergeMethod):
         return base.float() + self.options.scaling * merged
 
 
-__all__ = ["Average", "StaticMergeMethod", "TaskArithmetic", "Ties", "task_vectors"]
+__all__ = ["Average", "StaticMergeMethod", "TaskArithmetic", "Ties", "task_arithmetic", "task_vectors"]

@@ -15,7 +15,9 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
+from hf_wemoe.io.sources import CONFIG_METADATA_FIELDS
 from hf_wemoe.merging.base import MergeJob, MergeMethod
+from hf_wemoe.merging.static import task_arithmetic, task_vectors
 from hf_wemoe.models.configuration_wemoe import DEPRECATED_FIELD_NAMES, WEMoECLIPVisionConfig
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
 from hf_wemoe.utils.formatting import parse_size
@@ -47,7 +49,8 @@ def wemoe_config(base_config: CLIPVisionConfig, expert_names: list[str], **optio
     architecture = {
         k: v for k, v in base_config.to_dict().items() if k in CLIPVisionConfig.__dataclass_fields__
     }
-    for key in ("model_type", "transformers_version", "architectures", "dtype"):
+    # The model takes the checkpoint's dtype when it is built, not a dtype recorded in its config.
+    for key in (*CONFIG_METADATA_FIELDS, "dtype"):
         architecture.pop(key, None)
     try:
         return WEMoECLIPVisionConfig(**architecture, expert_names=list(expert_names), **options)
@@ -72,7 +75,7 @@ def upscale_tensors(
     scale = float(config.scaling)
     for key in keys:
         theta0 = base(key)
-        task_vectors = []
+        thetas = []
         for name, expert in experts.items():
             theta = expert(key)
             if theta.shape != theta0.shape:
@@ -80,14 +83,13 @@ def upscale_tensors(
                     f"expert '{name}' tensor '{key}' has shape {tuple(theta.shape)}, the base has "
                     f"{tuple(theta0.shape)}; experts must be fine-tuned from the same architecture as the base"
                 )
-            task_vectors.append(theta.float() - theta0.float())
+            thetas.append(theta)
         mlp = is_mlp_tensor(key)
         if mlp is not None and mlp[0] in moe_layers:
             yield key, theta0
-            yield f"encoder.layers.{mlp[0]}.mlp.task_vectors.{mlp[1]}", torch.stack(task_vectors)
+            yield f"encoder.layers.{mlp[0]}.mlp.task_vectors.{mlp[1]}", task_vectors(theta0, thetas)
         else:
-            merged = theta0.float() + scale * torch.stack(task_vectors).sum(dim=0)
-            yield key, merged.to(theta0.dtype)
+            yield key, task_arithmetic(theta0, thetas, scale).to(theta0.dtype)
 
 
 def load_upscaled_tensor(model: WEMoECLIPVisionModel, key: str, tensor: torch.Tensor) -> None:
@@ -151,6 +153,7 @@ class WEMoE(MergeMethod):
     defaults: ClassVar[dict] = {"sparsity": 0.0, "shared_router": False}
     card_template = "wemoe.md"
     tags = ("wemoe", "mixture-of-experts")
+    is_moe = True
 
     def write(self, job: MergeJob, folder: Path) -> None:
         options = self.options

@@ -6,7 +6,7 @@ pretrained CLIP text tower. The vision side is any CLIP vision tower plus the ba
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,8 @@ from torch import nn
 from hf_wemoe.errors import SourceError, WEMoEError
 from hf_wemoe.io.sources import parse_reference
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.utils.formatting import first_line
+from hf_wemoe.utils.progress import progress_enabled, quiet_libraries
 from hf_wemoe.zeroshot.data import ImageClassificationDataset, TaskData, load_task_dataset, parse_dataset_ref
 from hf_wemoe.zeroshot.heads import ZeroShotHead, load_or_build_heads
 from hf_wemoe.zeroshot.templates import load_classnames, resolve_task_templates
@@ -77,7 +79,7 @@ def load_vision_model(ref: str, dtype: torch.dtype | None = None) -> tuple[nn.Mo
     try:
         config = AutoConfig.from_pretrained(repo, revision=revision)
     except (OSError, ValueError) as err:
-        raise SourceError(f"cannot load model {ref}: {_first_line(err)}") from err
+        raise SourceError(f"cannot load model {ref}: {first_line(err)}") from err
     kwargs = {"revision": revision, **({"dtype": dtype} if dtype is not None else {})}
     try:
         if config.model_type == "clip":
@@ -90,7 +92,7 @@ def load_vision_model(ref: str, dtype: torch.dtype | None = None) -> tuple[nn.Mo
             return CLIPVisionModel.from_pretrained(repo, **kwargs), None
         model = AutoModel.from_pretrained(repo, **kwargs)
     except (OSError, ValueError) as err:
-        raise SourceError(f"cannot load model {ref}: {_first_line(err)}") from err
+        raise SourceError(f"cannot load model {ref}: {first_line(err)}") from err
     if not isinstance(model, WEMoECLIPVisionModel):
         raise WEMoEError(f"{ref} is a {type(model).__name__}; expected a CLIP vision tower or a WEMoE model")
     return model, None
@@ -106,7 +108,7 @@ def load_visual_projection(clip_ref: str) -> nn.Linear:
     except (OSError, ValueError) as err:
         raise SourceError(
             f"cannot load the CLIP model {clip_ref} (its text tower and visual projection give the zero-shot "
-            f"heads): {_first_line(err)}; name it with --clip-model"
+            f"heads): {first_line(err)}; name it with --clip-model"
         ) from err
     return clip.visual_projection
 
@@ -128,16 +130,45 @@ def prepare_tasks(
     tasks: dict[str, str],
     clip_ref: str,
     image_processor: Any,
-    templates: str | Sequence[str] | None = None,
+    templates: str | Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     classnames: str | Sequence[str] | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
     require_labels: bool = False,
+    progress: bool | None = None,
 ) -> list[ClassificationTask]:
-    """Load every task's data and build (or fetch from the cache) its zero-shot head."""
+    """Load every task's data and build (or fetch from the cache) its zero-shot head.
+
+    `templates` and `classnames` are command-line values (one `VALUE` for every task, or `TASK=VALUE` entries);
+    `templates` may also map task names to their templates, given as lists. `progress` reports downloads and
+    head building under the package's progress policy (None: follow it; False: nothing).
+    """
     names = list(tasks)
-    template_args = per_task_option(templates, names, "--templates")
+    if isinstance(templates, Mapping):
+        template_args = {name: templates.get(name) for name in names}
+    else:
+        template_args = per_task_option(templates, names, "--templates")
     classname_args = per_task_option(classnames, names, "--classnames")
+    with quiet_libraries(progress, datasets=True):
+        loaded, specs = _load_tasks(tasks, template_args, classname_args, image_column, label_column, require_labels)
+        heads = load_or_build_heads(clip_ref, specs, show_progress=progress_enabled(progress))
+    return [
+        ClassificationTask(
+            name, loaded[name], ImageClassificationDataset(loaded[name], image_processor), heads[name]
+        )
+        for name in names
+    ]
+
+
+def _load_tasks(
+    tasks: dict[str, str],
+    template_args: Mapping[str, str | Sequence[str] | None],
+    classname_args: Mapping[str, str | None],
+    image_column: str | None,
+    label_column: str | None,
+    require_labels: bool,
+) -> tuple[dict[str, TaskData], dict[str, tuple[list[str], list[str]]]]:
+    """Every task's data, and its class names and templates."""
     loaded, specs = {}, {}
     for name, reference in tasks.items():
         ref = parse_dataset_ref(reference)
@@ -163,13 +194,7 @@ def prepare_tasks(
         task_templates = resolve_task_templates(name, template_args[name], ref.repo or ref.path)
         loaded[name] = data
         specs[name] = (names_for_task, task_templates)
-    heads = load_or_build_heads(clip_ref, specs, show_progress=False)
-    return [
-        ClassificationTask(
-            name, loaded[name], ImageClassificationDataset(loaded[name], image_processor), heads[name]
-        )
-        for name in names
-    ]
+    return loaded, specs
 
 
 class ZeroShotClassifier(nn.Module):
@@ -215,12 +240,7 @@ def load_image_processor(*refs: str | None) -> Any:
         try:
             return AutoImageProcessor.from_pretrained(repo, revision=revision)
         except (OSError, ValueError) as err:
-            errors.append(f"{ref}: {_first_line(err)}")
+            errors.append(f"{ref}: {first_line(err)}")
     raise SourceError(
         "no image processor (preprocessor_config.json) found in " + "; ".join(errors or ["the given models"])
     )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.utils.formatting import first_line
 
 __all__ = [
     "DATASET_REF_HELP",
@@ -235,13 +236,8 @@ def _load_local(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
     except WEMoEError:
         raise
     except (FileNotFoundError, ValueError, OSError) as exc:
-        raise SourceError(f"cannot load dataset from {ref.path}: {_first_line(exc)}") from exc
+        raise SourceError(f"cannot load dataset from {ref.path}: {first_line(exc)}") from exc
     return _pick_split(dict(loaded), ref.split, ref.path)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _hub_split_names(ref: DatasetRef) -> list[str] | None:
@@ -274,7 +270,7 @@ def _load_hub(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
             names = _hub_split_names(ref)
             if ref.split is None and names is not None and len(names) == 1:
                 return load(names[0]), names[0]
-            listing = f"splits: {', '.join(names)}" if names else _first_line(exc)
+            listing = f"splits: {', '.join(names)}" if names else first_line(exc)
             raise WEMoEError(
                 f"split {_split_base(split)!r} not found in {where} ({listing}); choose one with #SPLIT"
             ) from exc
@@ -286,11 +282,11 @@ def _load_hub(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
             what = f"unknown revision {ref.revision!r} of Hub dataset {ref.repo!r}"
         else:
             what = f"unknown Hub dataset {ref.repo!r} (and no local path of that name)"
-        raise SourceError(f"{what}: {_first_line(exc)}") from exc
+        raise SourceError(f"{what}: {first_line(exc)}") from exc
     except (HfHubHTTPError, ConnectionError) as exc:
-        raise SourceError(f"cannot get Hub dataset {where}: {_first_line(exc)}") from exc
+        raise SourceError(f"cannot get Hub dataset {where}: {first_line(exc)}") from exc
     except (ValueError, FileNotFoundError) as exc:
-        raise SourceError(f"cannot load Hub dataset {where}: {_first_line(exc)}") from exc
+        raise SourceError(f"cannot load Hub dataset {where}: {first_line(exc)}") from exc
 
 
 def _find_column(
@@ -351,7 +347,7 @@ def load_task_dataset(
             dataset[0][image].load()
         except (ValueError, TypeError, OSError, AttributeError) as exc:
             raise WEMoEError(
-                f"column {image!r} of {where} holds {features[image]}, not images ({_first_line(exc)}); name the "
+                f"column {image!r} of {where} holds {features[image]}, not images ({first_line(exc)}); name the "
                 "image column with --image-column"
             ) from exc
     label = _find_column(features, label_column, datasets.ClassLabel, _LABEL_NAMES, "--label-column", where)
@@ -416,7 +412,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 return image.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise WEMoEError(
-                f"cannot decode image {index} of dataset {self.name}: {_first_line(exc)}"
+                f"cannot decode image {index} of dataset {self.name}: {first_line(exc)}"
             ) from exc
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

@@ -22,6 +22,8 @@ from torch import nn
 
 from hf_wemoe.errors import SourceError, WEMoEError
 from hf_wemoe.io.sources import ModelReference, parse_reference
+from hf_wemoe.utils.formatting import first_line
+from hf_wemoe.utils.progress import progress
 from hf_wemoe.zeroshot.templates import fill_template, validate_templates
 
 __all__ = [
@@ -153,11 +155,9 @@ def build_zeroshot_head(
     original_device = _model_device(clip_model)
     clip_model.eval().to(device)
     try:
-        from tqdm.auto import tqdm
-
         chunks = range(0, len(prompts), batch_size)
         embeddings = []
-        for start in tqdm(chunks, desc="zero-shot head", unit="batch", disable=not show_progress):
+        for start in progress(chunks, "zero-shot head", unit="batch", show=show_progress):
             tokens = tokenizer(
                 prompts[start : start + batch_size],
                 padding=True,
@@ -230,8 +230,9 @@ def _resolve_hub_commit(repo: str, revision: str | None) -> str:
                 return sha
             reason = "no commit sha in the Hub's answer"
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SourceError(f"unknown model {repo}@{revision or 'main'} on the Hub: {first_line}") from exc
+            raise SourceError(
+                f"unknown model {repo}@{revision or 'main'} on the Hub: {first_line(exc)}"
+            ) from exc
         except Exception as exc:  # unreachable Hub: fall back to what the local cache knows
             reason = type(exc).__name__
     cached = _cached_commit(repo, revision)
@@ -296,9 +297,8 @@ def _load_clip(ref: ModelReference) -> tuple[Any, Any]:
         model = CLIPModel.from_pretrained(source, config=config, revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SourceError(
-            f"cannot load a CLIP model with its text tower and tokenizer from {ref.text}: {first_line} "
+            f"cannot load a CLIP model with its text tower and tokenizer from {ref.text}: {first_line(exc)} "
             f"({advice})"
         ) from exc
     return model, tokenizer
