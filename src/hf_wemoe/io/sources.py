@@ -28,6 +28,8 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from hf_wemoe.errors import SourceError
+from hf_wemoe.io.hub import hub_unreachable, install_timeouts, is_connection_error, with_retries
+from hf_wemoe.io.weights import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +110,24 @@ def parse_reference(text: str) -> ModelReference:
             )
         return ModelReference(text=text, path=path.resolve())
     repo_id, _, revision = text.partition("@")
-    looks_like_path = text.startswith((".", "/", "~", "\\")) or repo_id.count("/") > 1
-    if looks_like_path or not _HUB_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
+    if looks_like_path(text) or not _HUB_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
         raise SourceError(
-            f"'{text}' is neither an existing local folder nor a Hub repo id (org/name[@revision]); "
-            "check the path or the repo name"
+            f"no such folder: '{text}' ({path.absolute()}) does not exist, and it is neither an existing local "
+            "folder nor a Hub repo id (org/name[@revision]); check the path or the repo name"
         )
     if "@" in text and not revision:
         raise SourceError(f"'{text}' has an empty revision after '@'; write org/name@revision or org/name")
     return ModelReference(text=text, repo_id=repo_id, revision=revision or None)
+
+
+def looks_like_path(text: str) -> bool:
+    """True when a reference can only mean a local folder: it starts with `./`, `../`, `/` or `~`, has more than
+    one `/`, or names an entry of an existing folder (`out/model` when `out/` exists)."""
+    repo_id = text.partition("@")[0]
+    if text.startswith((".", "/", "~", "\\")) or repo_id.count("/") > 1:
+        return True
+    parent = Path(repo_id).parent
+    return parent != Path(".") and parent.is_dir()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,9 +149,12 @@ class SafetensorsFile:
             with safe_open(str(path), framework="pt") as handle:
                 self.shapes: dict[str, tuple[int, ...]] = {}
                 self.dtypes: dict[str, torch.dtype] = {}
+                # The dtype names of the header (F32, I32, ...), for messages about dtypes torch has no name for.
+                self.raw_dtypes: dict[str, str] = {}
                 for key in handle.keys():
                     tensor_slice = handle.get_slice(key)
                     self.shapes[key] = tuple(tensor_slice.get_shape())
+                    self.raw_dtypes[key] = tensor_slice.get_dtype()
                     self.dtypes[key] = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.uint8)
         except (SafetensorError, OSError, ValueError) as err:
             raise SourceError(
@@ -220,12 +234,18 @@ class ModelSource:
         return self._files[key].dtypes[self._names[key]]
 
     def get(self, key: str) -> torch.Tensor:
-        """Read tensor `key` (normalised name) from disk."""
+        """Read tensor `key` (normalised name) from disk.
+
+        Raises:
+            SourceError: no such tensor, or one with NaN or infinite values (a merge would spread them silently).
+        """
         try:
             stored = self._names[key]
         except KeyError:
             raise SourceError(f"'{self.reference.text}' has no tensor '{key}'") from None
-        return self._files[key].get(stored)
+        tensor = self._files[key].get(stored)
+        check_finite(tensor, f"tensor '{key}' of '{self.reference.text}'")
+        return tensor
 
     @property
     def preprocessor_config(self) -> Path | None:
@@ -309,9 +329,11 @@ def read_vision_config(path: Path, what: str = "") -> CLIPVisionConfig:
     values = {
         k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "architectures")
     }
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return CLIPVisionConfig(**values)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, StrictDataclassError) as err:
         raise SourceError(f"invalid CLIP vision config in '{what}': {_one_line(err)}") from err
 
 
@@ -326,12 +348,19 @@ def expected_keys(config: CLIPVisionConfig) -> dict[str, tuple[int, ...]]:
 # Internals
 
 
+def _dtype_name(source: ModelSource, key: str) -> str:
+    stored = source._files[key]
+    raw = getattr(stored, "raw_dtypes", {}).get(source._names[key])
+    return raw or str(source.dtype(key)).removeprefix("torch.")
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
 
 
-def _pickle_refusal(ref: ModelReference, name: str) -> SourceError:
+def pickle_refusal(ref: ModelReference, name: str) -> SourceError:
+    """The one-line refusal of a checkpoint whose only weights are pickle (which can run code when loaded)."""
     return SourceError(
         f"'{ref.text}' only has pickle weights ({name}); loading pickle can execute arbitrary code, so it is "
         "refused. Convert the checkpoint to safetensors, or pass --allow-pickle if you trust its author "
@@ -354,7 +383,7 @@ def _weights_from_names(names: set[str], read_index, ref: ModelReference, allow_
             "point to a folder or repo with a saved CLIP vision model"
         )
     if not allow_pickle:
-        raise _pickle_refusal(ref, pickled)
+        raise pickle_refusal(ref, pickled)
     if pickled == PICKLE_INDEX_NAME:
         return sorted(set(read_index(PICKLE_INDEX_NAME).values())), "pickle"
     return [PICKLE_NAME], "pickle"
@@ -393,29 +422,47 @@ def _content_hash(paths: list[Path]) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _download(ref: ModelReference, allow_pickle: bool) -> tuple[Path, list[Path], str, str]:
-    """Resolve a Hub reference to a commit and download the files a merge reads."""
-    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+def hub_model_info(ref: ModelReference):
+    """Ask the Hub about the repo of `ref` at its revision (bounded time and retries): its commit and files.
+
+    Raises:
+        SourceError: gated repo, unknown revision, unknown repo (the message also names the local folder that was
+            looked for), or a Hub that cannot be reached (naming the endpoint and what to try).
+    """
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     where = f"the Hub ({constants.ENDPOINT})"
     try:
-        try:
-            info = HfApi().model_info(ref.repo_id, revision=ref.revision)
-        except GatedRepoError as err:
-            raise SourceError(
-                f"'{ref.repo_id}' is gated on {where}: accept its conditions on the Hub and log in "
-                "(`hf auth login`)"
-            ) from err
-        except RevisionNotFoundError as err:
-            raise SourceError(
-                f"revision '{ref.revision}' not found in Hub repo '{ref.repo_id}'; check the branch, tag or commit"
-            ) from err
-        except RepositoryNotFoundError as err:
-            raise SourceError(
-                f"'{ref.text}' is not a local folder and Hub repo '{ref.repo_id}' was not found on {where}; "
-                "check the name (log in with `hf auth login` for a private repo)"
-            ) from err
+        return with_retries(
+            lambda: HfApi().model_info(ref.repo_id, revision=ref.revision),
+            f"find model repo '{ref.repo_id}'",
+        )
+    except GatedRepoError as err:
+        raise SourceError(
+            f"'{ref.repo_id}' is gated on {where}: accept its conditions on the Hub and log in (`hf auth login`)"
+        ) from err
+    except RevisionNotFoundError as err:
+        raise SourceError(
+            f"revision '{ref.revision}' not found in Hub repo '{ref.repo_id}'; check the branch, tag or commit"
+        ) from err
+    except RepositoryNotFoundError as err:
+        folder = Path(ref.repo_id).expanduser().absolute()
+        raise SourceError(
+            f"'{ref.text}' is not a local folder (no folder {folder}) and not a reachable Hub repo: "
+            f"'{ref.repo_id}' was not found on {where}; check the path or the repo name (log in with "
+            "`hf auth login` for a private repo)"
+        ) from err
+
+
+def _download(ref: ModelReference, allow_pickle: bool) -> tuple[Path, list[Path], str, str]:
+    """Resolve a Hub reference to a commit and download the files a merge reads."""
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
+
+    where = f"the Hub ({constants.ENDPOINT})"
+    install_timeouts()
+    try:
+        info = hub_model_info(ref)
         commit = info.sha
         names = {sibling.rfilename for sibling in info.siblings or []}
 
@@ -433,6 +480,8 @@ def _download(ref: ModelReference, allow_pickle: bool) -> tuple[Path, list[Path]
     except SourceError:
         raise
     except Exception as err:  # noqa: BLE001 -- network and HTTP failures become one readable line
+        if is_connection_error(err):
+            raise hub_unreachable(err, f"download '{ref.text}'") from err
         raise SourceError(f"cannot download '{ref.text}' from {where}: {_one_line(err)}") from err
     folder = Path(folder)
     return folder, [folder / name for name in files], kind, commit
@@ -471,6 +520,12 @@ def _index_tensors(source: ModelSource, files: list[SafetensorsFile | PickleFile
     source._names = {key: names[key] for key in expected}
     source._files = {key: stored[names[key]] for key in expected}
     for key, shape in expected.items():
+        if not source.dtype(key).is_floating_point:
+            # Read as floats, integer data would become huge task vectors; a float header never lies that way.
+            raise SourceError(
+                f"'{source.reference.text}' tensor '{key}' is stored as {_dtype_name(source, key)}, but a CLIP "
+                "weight must be a floating-point tensor; the checkpoint is damaged or was not written by a model"
+            )
         if source.shape(key) != shape:
             raise SourceError(
                 f"'{source.reference.text}' tensor '{key}' has shape {source.shape(key)}, its config.json "
@@ -483,7 +538,10 @@ __all__ = [
     "ModelSource",
     "SafetensorsFile",
     "expected_keys",
+    "hub_model_info",
+    "looks_like_path",
     "open_source",
     "parse_reference",
+    "pickle_refusal",
     "read_vision_config",
 ]

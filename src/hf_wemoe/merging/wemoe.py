@@ -15,7 +15,8 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
-from hf_wemoe.merging.base import MergeJob, MergeMethod
+from hf_wemoe.io.weights import check_finite
+from hf_wemoe.merging.base import OVERFLOW_HINT, MergeJob, MergeMethod
 from hf_wemoe.models.configuration_wemoe import WEMoECLIPVisionConfig
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
 from hf_wemoe.utils.formatting import parse_size
@@ -85,8 +86,9 @@ def upscale_tensors(
             yield key, theta0
             yield f"encoder.layers.{mlp[0]}.mlp.task_vectors.{mlp[1]}", torch.stack(task_vectors)
         else:
-            merged = theta0.float() + scale * torch.stack(task_vectors).sum(dim=0)
-            yield key, merged.to(theta0.dtype)
+            merged = (theta0.float() + scale * torch.stack(task_vectors).sum(dim=0)).to(theta0.dtype)
+            check_finite(merged, f"the merged tensor '{key}'", OVERFLOW_HINT)
+            yield key, merged
 
 
 def load_upscaled_tensor(model: WEMoECLIPVisionModel, key: str, tensor: torch.Tensor) -> None:
