@@ -13,11 +13,12 @@ from hf_wemoe.adaptation import TrainOptions, adapt_routers
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import EvalResult, evaluate_tasks, markdown_table, write_results
 from hf_wemoe.hub.cards import write_card
-from hf_wemoe.io.outputs import atomic_output_dir, check_output_dir
+from hf_wemoe.io.outputs import atomic_output_dir, check_output_dir, check_output_file
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
 from hf_wemoe.workflows.plots import plot_routing
 from hf_wemoe.zeroshot.classifier import (
     ZeroShotClassifier,
+    check_projection,
     default_clip_ref,
     load_image_processor,
     load_vision_model,
@@ -48,6 +49,11 @@ class TaskOptions(BaseModel):
     )
     image_column: str | None = Field(None, description="image column (default: detected)")
     label_column: str | None = Field(None, description="label column (default: detected)")
+    allow_pickle: bool = Field(
+        False,
+        description="accept models that only have pickle weights (pytorch_model.bin); unpickling files from "
+        "untrusted sources can execute arbitrary code, they are loaded with torch.load(weights_only=True)",
+    )
     eval_batch_size: int = Field(128, ge=1, description="batch size for evaluation")
     device: str | None = Field(None, description="device for evaluation (default: cuda when available)")
 
@@ -91,13 +97,14 @@ def _require(value, flag: str):
     return value
 
 
-def _load(config: TaskOptions, require_labels: bool):
+def _load(config: TaskOptions, require_labels: bool, check_labels: bool | None = None):
     model_ref = _require(config.model, "--model")
     tasks_spec = _require(config.task, "--task NAME=DATASET")
-    vision, projection = load_vision_model(model_ref)
+    vision, projection = load_vision_model(model_ref, allow_pickle=config.allow_pickle)
     clip_ref = default_clip_ref(vision, model_ref, config.clip_model)
     if projection is None:
-        projection = load_visual_projection(clip_ref)
+        projection = load_visual_projection(clip_ref, allow_pickle=config.allow_pickle)
+    check_projection(vision, projection, model_ref, clip_ref)
     processor = load_image_processor(model_ref, clip_ref)
     tasks = prepare_tasks(
         tasks_spec,
@@ -108,6 +115,8 @@ def _load(config: TaskOptions, require_labels: bool):
         image_column=config.image_column,
         label_column=config.label_column,
         require_labels=require_labels,
+        check_labels=check_labels,
+        allow_pickle=config.allow_pickle,
     )
     for task in tasks:
         labels = task.data.classnames
@@ -120,11 +129,13 @@ def _load(config: TaskOptions, require_labels: bool):
 
 def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
     """Evaluate a WEMoE or plain CLIP vision model; prints nothing, returns the result and writes the JSON."""
+    check_output_file(config.output_json, "--output-json")  # before the evaluation, not after it
     classifier, tasks, _ = _load(config, require_labels=True)
     if config.routing and isinstance(classifier.vision_model, WEMoECLIPVisionModel):
         classifier.vision_model.config.routing = config.routing
     device = config.device or _default_device()
     classifier.to(device)
+    classifier.check_runs(f"the model {config.model}")
     result = evaluate_tasks(classifier, tasks, config.eval_batch_size, device, progress=progress)
     payload = {
         "model": config.model,
@@ -149,7 +160,10 @@ def run_train(config: TrainConfig, progress: bool = True) -> dict:
 
         check_repo_id(config.push_to_hub)
         check_token()
-    classifier, tasks, processor = _load(config, require_labels=config.objective == "supervised")
+    supervised = config.objective == "supervised"
+    classifier, tasks, processor = _load(
+        config, require_labels=supervised, check_labels=supervised or config.evaluate
+    )
     if not classifier.is_wemoe:
         raise WEMoEError(
             f"{config.model} is a static CLIP vision model with no routers to adapt; merge it with "

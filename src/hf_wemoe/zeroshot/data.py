@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.io.hub import hub_unreachable, install_timeouts, is_connection_error
 
 __all__ = [
     "DATASET_REF_HELP",
@@ -21,6 +22,7 @@ __all__ = [
     "DatasetRef",
     "ImageClassificationDataset",
     "TaskData",
+    "check_label_range",
     "collate_images",
     "load_task_dataset",
     "make_dataloader",
@@ -265,6 +267,7 @@ def _load_hub(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
 
     where = str(replace(ref, split=None))
     split = ref.split or DEFAULT_SPLIT
+    install_timeouts()
     try:
         try:
             return load(split), split
@@ -291,6 +294,10 @@ def _load_hub(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
         raise SourceError(f"cannot get Hub dataset {where}: {_first_line(exc)}") from exc
     except (ValueError, FileNotFoundError) as exc:
         raise SourceError(f"cannot load Hub dataset {where}: {_first_line(exc)}") from exc
+    except Exception as exc:
+        if is_connection_error(exc):  # timeouts and transport errors of the HTTP client
+            raise hub_unreachable(exc, f"load dataset {where}") from exc
+        raise
 
 
 def _find_column(
@@ -371,6 +378,29 @@ def load_task_dataset(
         label_column=label,
         classnames=classnames,
     )
+
+
+def check_label_range(task: str, data: TaskData, num_classes: int) -> None:
+    """Raise `WEMoEError` unless every label of `data` is a class index in ``[0, num_classes)``.
+
+    Read from the label column alone (no image is decoded). Datasets mark unlabelled rows with -1, and integer
+    labels may outnumber the class names given: both would score against classes the head does not have.
+    """
+    import pyarrow.compute as pc
+
+    column = data.dataset.with_format("arrow")[data.label_column]
+    where = f"task {task!r}: the labels of {data.name} (column {data.label_column!r})"
+    if column.null_count:
+        raise WEMoEError(f"{where} are missing in {column.null_count} rows; every row needs a label")
+    if len(column) == 0:
+        return
+    bounds = pc.min_max(column)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    if low < 0 or high >= num_classes:
+        raise WEMoEError(
+            f"{where} range over {low}..{high}, but the head has {num_classes} classes (labels 0..{num_classes - 1})"
+            "; give one class name per label with --classnames, or name the label column with --label-column"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
