@@ -190,11 +190,20 @@ def test_resuming_with_another_data_order_is_refused(world, checkpoint, tmp_path
     assert "resume with the same --seed" in message and not (tmp_path / "adapted").exists()
 
 
-def test_a_hub_that_never_answers_ends_in_one_line(world, tmp_path):
+@pytest.mark.parametrize(
+    "command, spoil, where",
+    [
+        (eval_args, lambda w: dict(extra=["--task", "remote=org/dataset"]), "find dataset repo 'org/dataset'"),
+        (train_args, lambda w: dict(model="org/wemoe"), "find model repo 'org/wemoe'"),
+    ],
+    ids=["eval-hub-dataset", "train-hub-model"],
+)
+def test_a_hub_that_never_answers_ends_in_one_line(world, tmp_path, command, spoil, where):
+    spoiled = spoil(world)
+    args = command(world, tmp_path, *spoiled.get("extra", ()), model=spoiled.get("model"))
     with silent_endpoint() as url:
         env = silent_endpoint_env(dict(os.environ), url, tmp_path / "hf_home")
-        args = eval_args(world, tmp_path, model="org/wemoe")
         code, stderr, seconds = run_cli(args, env, tmp_path)
     message = assert_one_line_error(code, stderr)
-    assert f"cannot reach the Hub at {url}" in message and "'org/wemoe'" in message
-    assert seconds < 90 and not (tmp_path / "results.json").exists()
+    assert f"cannot reach the Hub at {url}" in message and where in message
+    assert seconds < 90 and not (tmp_path / "results.json").exists() and not (tmp_path / "adapted").exists()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from hf_wemoe.errors import SourceError, WEMoEError
-from hf_wemoe.io.hub import hub_unreachable, install_timeouts, is_connection_error
+from hf_wemoe.io.hub import hub_unreachable, is_connection_error, offline, with_retries
 
 __all__ = [
     "DATASET_REF_HELP",
@@ -255,6 +255,30 @@ def _hub_split_names(ref: DatasetRef) -> list[str] | None:
         return None
 
 
+def _check_hub_reachable(ref: DatasetRef, where: str) -> None:
+    """Fail in one line, in bounded time, when the Hub does not answer.
+
+    datasets retries every file of an unreachable Hub for minutes; one bounded request first avoids that. Only
+    reachability is checked here: an answer of any kind (even "not found") lets `load_dataset` report the rest.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if offline():
+        return
+    try:
+        with_retries(
+            lambda: HfApi().dataset_info(ref.repo, revision=ref.revision), f"find dataset repo '{ref.repo}'"
+        )
+    except HfHubHTTPError:
+        pass  # the Hub answered
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- only a Hub that cannot be reached is reported here
+        if is_connection_error(exc):
+            raise hub_unreachable(exc, f"load dataset {where}") from exc
+
+
 def _load_hub(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
     import datasets
     from datasets.exceptions import DatasetNotFoundError
@@ -267,7 +291,7 @@ def _load_hub(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
 
     where = str(replace(ref, split=None))
     split = ref.split or DEFAULT_SPLIT
-    install_timeouts()
+    _check_hub_reachable(ref, where)
     try:
         try:
             return load(split), split
