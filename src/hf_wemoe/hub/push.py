@@ -167,7 +167,7 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
     _check_weights(path, skeleton)
     try:
         with _quiet_transformers():
-            model = model_class.from_pretrained(path)
+            model = model_class.from_pretrained(path, use_safetensors=True)  # never a pickle file
     except Exception as err:  # noqa: BLE001 -- any load failure means the folder is broken
         raise WEMoEError(f"'{folder}' does not load as a {model_class.__name__}: {_one_line(err)}") from err
     if full_clip:

@@ -13,8 +13,9 @@ longer ones:
 - requests that write (commits, uploads) may wait `WRITE_ANSWER_TIMEOUT` (at least 60 s) for the answer, because
   the server can take a while to process a large commit.
 
-Calls this package makes itself go through `with_retries` (transient failures only, a bounded number of tries) and
-end in one `WEMoEError` line that names the endpoint and what to try (`hub_unreachable`).
+Calls this package makes itself go through `with_retries` (transient failures only, a bounded number of tries, a
+timeout retried once) and end in one `WEMoEError` line that names the endpoint and what to try
+(`hub_unreachable`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def _bound_request_timeouts(request: Any) -> None:
     limit = hub_timeout()
     default = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
     timeouts = dict(request.extensions.get("timeout") or {})
-    for phase in ("connect", "read", "write", "pool"):
+    # Waiting for a free connection of the pool ends when a connection does: only the network phases are bounded.
+    for phase in ("connect", "read", "write"):
         value = timeouts.get(phase)
         timeouts[phase] = default if value is None else min(float(value), limit)
     if request.method in _WRITE_METHODS:

@@ -421,9 +421,14 @@ def check_label_range(task: str, data: TaskData, num_classes: int) -> None:
     bounds = pc.min_max(column)
     low, high = bounds["min"].as_py(), bounds["max"].as_py()
     if low < 0 or high >= num_classes:
+        advice = (
+            "negative labels mark unlabelled rows: evaluate on a labelled split (train with --no-evaluate)"
+            if low < 0
+            else "give one class name per label with --classnames, or name the label column with --label-column"
+        )
         raise WEMoEError(
-            f"{where} range over {low}..{high}, but the head has {num_classes} classes (labels 0..{num_classes - 1})"
-            "; give one class name per label with --classnames, or name the label column with --label-column"
+            f"{where} range over {low}..{high}, but the head has {num_classes} classes (labels "
+            f"0..{num_classes - 1}); {advice}"
         )
 
 
