@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.io.outputs import atomic_output_dir
+from hf_wemoe.io.state import decode_state, encode_state, read_json, read_tensors, write_tensors
 from hf_wemoe.zeroshot.classifier import ClassificationTask, ZeroShotClassifier
 from hf_wemoe.zeroshot.data import collate_images
 
@@ -118,9 +120,6 @@ def save_checkpoint(
 ) -> None:
     """Write a training checkpoint (router weights, optimizer, scheduler and grad-scaler state, counters, data
     order) atomically: the folder appears complete or not at all."""
-    from hf_wemoe.io.outputs import atomic_output_dir
-    from hf_wemoe.io.state import encode_state, write_tensors
-
     tensors: dict[str, torch.Tensor] = {}
     state = {
         "format": _CHECKPOINT_FORMAT,
@@ -152,8 +151,6 @@ def load_checkpoint(
     Raises `WEMoEError` for a folder that is not such a checkpoint, one written for other routers, or one whose
     data order (seed, batch size, tasks) differs from this run's, which could not continue exactly.
     """
-    from hf_wemoe.io.state import decode_state, read_json, read_tensors
-
     folder = Path(folder)
     state_path = folder / CHECKPOINT_STATE_NAME
     if not state_path.is_file():

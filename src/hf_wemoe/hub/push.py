@@ -255,6 +255,7 @@ def _check_weights(path: Path, model: Any) -> None:
 def _check_values(path: Path, model: Any) -> None:
     """Every weight has the model's kind of dtype (a float stored as integers would load as garbage) and finite
     values (a NaN model would be published); tensors are read one at a time."""
+    # Imported here like this module's other torch-side imports: checking a repo id or token needs none of them.
     from safetensors import safe_open
 
     from hf_wemoe.io.weights import check_finite, weight_files

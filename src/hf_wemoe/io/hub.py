@@ -25,8 +25,17 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from huggingface_hub import constants, is_offline_mode
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import _http, get_session, set_client_factory
+
 from hf_wemoe.errors import SourceError
 from hf_wemoe.utils.formatting import one_line
+
+try:
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover -- older huggingface_hub releases use httpx
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -45,22 +54,16 @@ _MAX_WAIT = 30.0
 
 def hub_timeout() -> float:
     """Seconds any wait for the Hub may last: connect, each read, each write (see the module docstring)."""
-    from huggingface_hub import constants
-
     return float(max(constants.HF_HUB_DOWNLOAD_TIMEOUT, constants.HF_HUB_ETAG_TIMEOUT))
 
 
 def endpoint() -> str:
     """The Hub endpoint requests go to (`HF_ENDPOINT`, or huggingface.co)."""
-    from huggingface_hub import constants
-
     return constants.ENDPOINT
 
 
 def _bound_request_timeouts(request: Any) -> None:
     """Request hook: give the request a timeout where it has none, and cap the ones above the limit."""
-    from huggingface_hub import constants
-
     limit = hub_timeout()
     default = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
     timeouts = dict(request.extensions.get("timeout") or {})
@@ -82,8 +85,6 @@ def install_timeouts() -> None:
     The hook is added to the shared client and to every client huggingface_hub creates later (after a fork, or
     when a caller sets its own client factory before this call).
     """
-    from huggingface_hub.utils import _http, get_session, set_client_factory
-
     # huggingface_hub has no public getter for the factory: wrapping the current one keeps a user's own factory
     # (proxies, certificates) and only adds the hook.
     factory = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
@@ -107,8 +108,6 @@ def _with_hook(client: Any) -> Any:
 
 def is_transient(err: BaseException) -> bool:
     """True for failures worth retrying: HTTP 408/429/5xx answers and connection-level errors (timeouts too)."""
-    from huggingface_hub.errors import HfHubHTTPError
-
     if isinstance(err, HfHubHTTPError):
         response = getattr(err, "response", None)
         return getattr(response, "status_code", None) in TRANSIENT_STATUS
@@ -117,10 +116,6 @@ def is_transient(err: BaseException) -> bool:
 
 def is_connection_error(err: BaseException) -> bool:
     """True when the Hub could not be reached or did not answer in time (no HTTP answer at all)."""
-    try:
-        import httpx2 as httpx
-    except ImportError:  # pragma: no cover -- older huggingface_hub releases use httpx
-        import httpx
     return isinstance(err, (httpx.TransportError, ConnectionError, TimeoutError))
 
 
@@ -179,17 +174,11 @@ def hub_unreachable(err: BaseException, what: str, attempts: int = 1, *, advice:
 
 
 def _is_timeout(err: BaseException) -> bool:
-    try:
-        import httpx2 as httpx
-    except ImportError:  # pragma: no cover
-        import httpx
     return isinstance(err, (httpx.TimeoutException, TimeoutError))
 
 
 def offline() -> bool:
     """True when huggingface_hub is in offline mode (`HF_HUB_OFFLINE=1`)."""
-    from huggingface_hub import is_offline_mode
-
     return bool(is_offline_mode())
 
 

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig
+
 from hf_wemoe.errors import SourceError
 from hf_wemoe.io.hub import install_timeouts, offline
 from hf_wemoe.io.sources import (
@@ -112,17 +116,12 @@ def _hub_file_names(ref: ModelReference) -> tuple[set[str] | None, bool]:
 
 
 def _in_local_cache(ref: ModelReference) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
     return isinstance(try_to_load_from_cache(ref.repo_id, "config.json", revision=ref.revision), str)
 
 
 def load_config(location: PretrainedLocation, what: str = "model") -> Any:
     """`AutoConfig.from_pretrained`, with a config.json that is missing, malformed or has wrongly typed fields
     reported in one line."""
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
-
     install_timeouts()
     try:
         return AutoConfig.from_pretrained(location.name_or_path, **location.load_kwargs())
@@ -147,8 +146,6 @@ def load_model(
             or malicious pickle, a corrupt file), or a tensor is missing, unexpected or of another shape than
             the config implies (naming the first one).
     """
-    from huggingface_hub.errors import StrictDataclassError
-
     install_timeouts()
     try:
         model, info = model_class.from_pretrained(
@@ -178,8 +175,6 @@ def load_model(
 def _describe(err: BaseException) -> str:
     """The reason of a load failure in one line: the first line of the libraries' long messages, all of the
     short multi-line ones of strict config validation ("Validation error for field 'x':" + the cause)."""
-    from huggingface_hub.errors import StrictDataclassError
-
     return one_line(err) if isinstance(err, StrictDataclassError) else first_line(err)
 
 

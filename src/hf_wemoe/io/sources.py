@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from hf_wemoe.errors import SourceError
@@ -329,8 +330,6 @@ def read_vision_config(path: Path, what: str = "") -> CLIPVisionConfig:
     values = {
         k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "architectures")
     }
-    from huggingface_hub.errors import StrictDataclassError
-
     try:
         return CLIPVisionConfig(**values)
     except (TypeError, ValueError, StrictDataclassError) as err:

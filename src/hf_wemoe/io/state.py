@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from hf_wemoe.errors import WEMoEError
 
@@ -72,9 +74,6 @@ def read_json(path: Path) -> Any:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, or a one-line `WEMoEError`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -83,8 +82,6 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write tensors to a safetensors file (shared storage is copied: safetensors refuses aliases)."""
-    from safetensors.torch import save_file
-
     save_file({key: tensor.clone() for key, tensor in tensors.items()}, str(path))
 
 

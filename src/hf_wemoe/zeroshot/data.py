@@ -261,7 +261,7 @@ def _check_hub_reachable(ref: DatasetRef, where: str) -> None:
     datasets retries every file of an unreachable Hub for minutes; one bounded request first avoids that. Only
     reachability is checked here: an answer of any kind (even "not found") lets `load_dataset` report the rest.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # imported when needed, like `datasets`: the CLI starts faster
     from huggingface_hub.errors import HfHubHTTPError
 
     if offline():
