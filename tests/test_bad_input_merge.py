@@ -14,7 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bad_input import assert_one_line_error, entries, run_cli, run_error, silent_endpoint, silent_endpoint_env
+from bad_input import (
+    assert_one_line_error,
+    entries,
+    run_cli,
+    run_error,
+    silent_endpoint,
+    silent_endpoint_env,
+    write_malicious_pickle,
+)
 from test_sources import write_checkpoint
 from tiny_models import make_base_and_experts
 
@@ -42,6 +50,9 @@ def spoiled(world: dict[str, Path], tmp: Path, how: str) -> Path:
         # The same bytes under a header that says int32: read as integers, they would be task vectors of ~1e9.
         state[key] = state[key].view(torch.int32)
         save_file(state, weights, metadata={"format": "pt"})
+    elif how == "malicious-pickle":
+        weights.unlink()
+        write_malicious_pickle(folder / "pytorch_model.bin", tmp / "ran", torch_format=True)
     elif how == "typed-config":
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
@@ -60,6 +71,7 @@ PROBES = [
     ("nan-expert", lambda w, t: expert(spoiled(w, t, "nan")), "tensor 'encoder.layers.1.mlp.fc1.weight' of '"),
     ("inf-expert", lambda w, t: expert(spoiled(w, t, "inf")), "has non-finite values (1 of 2048 are NaN or infinite"),
     ("int-header", lambda w, t: expert(spoiled(w, t, "int-header")), "'encoder.layers.1.mlp.fc1.weight' is stored as I32"),
+    ("malicious-pickle", lambda w, t: [*expert(spoiled(w, t, "malicious-pickle")), "--allow-pickle"], "holds more than tensors, which torch.load(weights_only=True) refuses"),
     ("typed-config", lambda w, t: expert(spoiled(w, t, "typed-config")), "invalid CLIP vision config"),
     ("missing-local", lambda w, t: expert(folder_in(t, "experts") / "task1x"), "no such folder"),
     ("missing-local-relative", lambda w, t: expert("experts/task1x"), "no such folder"),
@@ -90,6 +102,7 @@ def test_bad_merge_input(world, tmp_path, monkeypatch, capsys, hub_server, spoil
     message = run_error(args, capsys)
     assert fragment in message, message
     assert entries(tmp_path) == before, "a failed merge left files behind"
+    assert not (tmp_path / "ran").exists(), "a pickle file ran code"
 
 
 def test_a_mistyped_expert_names_the_folder_looked_in(world, tmp_path, monkeypatch, capsys, hub_server):

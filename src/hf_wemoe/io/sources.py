@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,11 @@ class PickleFile:
                 self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
                 self.state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise SourceError(
+                f"'{path}' holds more than tensors, which torch.load(weights_only=True) refuses (UnpicklingError); "
+                "a file like this can run code when loaded without that check: do not use it"
+            ) from err
         except Exception as err:  # noqa: BLE001 -- any unpickling failure is a bad checkpoint
             raise SourceError(
                 f"cannot load '{path}' with torch.load(weights_only=True): {_one_line(err)}"
