@@ -207,3 +207,19 @@ def test_a_hub_that_never_answers_ends_in_one_line(world, tmp_path, command, spo
     message = assert_one_line_error(code, stderr)
     assert f"cannot reach the Hub at {url}" in message and where in message
     assert seconds < 90 and not (tmp_path / "results.json").exists() and not (tmp_path / "adapted").exists()
+
+
+def test_an_unreachable_hub_falls_back_to_the_local_cache(world, tmp_path, hub_server):
+    """A Hub model read once is evaluated from the local Hub cache when the Hub stops answering."""
+    hub_server.commit_folder("testorg/cached-expert", world["expert"])
+    args = eval_args(world, tmp_path, *clip(world), model="testorg/cached-expert")
+    online = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}
+    code, stderr, _ = run_cli(args, online, tmp_path)
+    assert code == 0, stderr[-2000:]
+    first = json.loads((tmp_path / "results.json").read_text())["accuracy"]
+    (tmp_path / "results.json").unlink()
+    with silent_endpoint() as url:
+        code, stderr, seconds = run_cli(args, silent_endpoint_env(online, url, tmp_path / "hf_home"), tmp_path)
+    assert code == 0, stderr[-2000:]
+    assert "using the copy of testorg/cached-expert in the local Hub cache" in stderr and seconds < 90
+    assert json.loads((tmp_path / "results.json").read_text())["accuracy"] == first

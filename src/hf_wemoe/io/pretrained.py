@@ -23,7 +23,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig
 
 from hf_wemoe.errors import SourceError
-from hf_wemoe.io.hub import install_timeouts, offline
+from hf_wemoe.io.hub import install_timeouts, is_connection_error, offline
 from hf_wemoe.io.sources import (
     PICKLE_INDEX_NAME,
     PICKLE_NAME,
@@ -108,7 +108,8 @@ def _hub_file_names(ref: ModelReference) -> tuple[set[str] | None, bool]:
     try:
         info = hub_model_info(ref)
     except SourceError as err:
-        if not _in_local_cache(ref):
+        # Only a Hub that cannot be reached falls back to the cache; its answers ("not found", "gated") stand.
+        if not is_connection_error(err.__cause__) or not _in_local_cache(ref):
             raise
         logger.warning("%s; using the copy of %s in the local Hub cache", err, ref.text)
         return None, True

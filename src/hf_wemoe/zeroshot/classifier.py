@@ -109,15 +109,20 @@ def load_visual_projection(clip_ref: str, *, allow_pickle: bool = False) -> nn.L
     """The `visual_projection` of a full CLIP model (the base the experts were fine-tuned from)."""
     from transformers import CLIPModel
 
-    what = "the CLIP model (its text tower and visual projection give the zero-shot heads; name it with --clip-model)"
-    location = locate_pretrained(clip_ref, allow_pickle=allow_pickle)
-    config = load_config(location, what)
-    if config.model_type != "clip":
+    try:
+        location = locate_pretrained(clip_ref, allow_pickle=allow_pickle)
+        config = load_config(location, "the CLIP model")
+        if config.model_type != "clip":
+            raise SourceError(
+                f"{clip_ref} is a {config.model_type!r} model, not a full CLIP model with a text tower and a "
+                "visual projection"
+            )
+        return load_model(CLIPModel, location, "the CLIP model").visual_projection
+    except SourceError as err:
         raise SourceError(
-            f"--clip-model {clip_ref} is a {config.model_type!r} model, not a full CLIP model with a text tower "
-            "and a visual projection; name the pretrained CLIP the experts were fine-tuned from"
-        )
-    return load_model(CLIPModel, location, what).visual_projection
+            f"{err} (the text tower and visual projection of the CLIP model the experts were fine-tuned from give "
+            "the zero-shot heads; name it with --clip-model)"
+        ) from err
 
 
 def check_projection(vision_model: nn.Module, projection: nn.Linear, model_ref: str, clip_ref: str) -> None:
