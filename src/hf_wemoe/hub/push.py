@@ -7,9 +7,10 @@ card is rendered for the repo id. Then the repo is created when missing and the 
 `HfApi.upload_folder` commit, which also deletes files of an earlier push that the folder no longer has: the
 repo shows either the previous commit or the new one, never a mix.
 
-Transient failures (HTTP 408/429/5xx, connection errors) are retried with exponential backoff on the calls
-huggingface_hub does not retry itself; other failures are reported as one line. A repo created by a push that then
-fails is deleted again.
+Only regular files inside the folder are sent (a symbolic link out of it is refused), and only finite weights.
+Every request has a timeout (`hf_wemoe.io.hub`); transient failures (HTTP 408/429/5xx, connection errors) are
+retried a bounded number of times with exponential backoff on the calls huggingface_hub does not retry itself; other
+failures are reported as one line. A repo created by a push that then fails is deleted again.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.io.hub import hub_timeout, hub_unreachable, install_timeouts, is_transient, with_retries
 from hf_wemoe.io.layout import CARD_NAME, CONFIG_NAME, PREPROCESSOR_NAME, TOKENIZER_CONFIG_NAME
 from hf_wemoe.io.outputs import make_staging_dir, remove_stale_staging
 from hf_wemoe.utils.formatting import first_line, format_size, one_line
@@ -41,8 +42,6 @@ T = TypeVar("T")
 IGNORE_PATTERNS = [".*", "*/.*", "__pycache__/*", "*/__pycache__/*", "*.pyc", "*.tmp-*", "*.partial"]
 # Temporary upload folders: `<tmp>/hf-wemoe-push-<host>-<pid>-XXXX`.
 STAGING_STEM = "hf-wemoe-push"
-# Status codes worth retrying: timeout, rate limit, server errors.
-TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # `from .name import ...` in a model code file: a sibling file that trust_remote_code also loads.
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\b", re.MULTILINE)
@@ -120,7 +119,8 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
     """Load the model in `folder` once and run it, or raise `WEMoEError` saying what is broken.
 
     Checks: config.json names a WEMoE or CLIP model; its weights load with no missing, unexpected or misshapen
-    tensor; one forward pass runs; WEMoE folders carry the code files their `auto_map` names; full CLIP models
+    tensor, each of the model's kind of dtype and with finite values; one forward pass runs; no file is a symbolic
+    link out of the folder; WEMoE folders carry the code files their `auto_map` names; full CLIP models
     have a tokenizer and an image processor. A vision tower without `preprocessor_config.json` is accepted with a
     warning (pipelines need it).
     """
@@ -169,7 +169,7 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
     _check_weights(path, skeleton)
     try:
         with quiet_libraries():
-            model = model_class.from_pretrained(path)
+            model = model_class.from_pretrained(path, use_safetensors=True)  # never a pickle file
     except Exception as err:  # noqa: BLE001 -- any load failure means the folder is broken
         raise WEMoEError(f"'{folder}' does not load as a {model_class.__name__}: {one_line(err)}") from err
     if full_clip:
@@ -267,6 +267,34 @@ def _check_weights(path: Path, model: Any) -> None:
             f"'{path}' weight '{key}' has shape {tuple(stored[key])}, the model expects {expected[key]}; its "
             "config.json does not match its weights"
         )
+    _check_values(path, model)
+
+
+def _check_values(path: Path, model: Any) -> None:
+    """Every weight has the model's kind of dtype (a float stored as integers would load as garbage) and finite
+    values (a NaN model would be published); tensors are read one at a time."""
+    # Imported here like this module's other torch-side imports: checking a repo id or token needs none of them.
+    from safetensors import safe_open
+
+    from hf_wemoe.io.weights import check_finite, weight_files
+
+    floating = {key: value.dtype.is_floating_point for key, value in model.state_dict().items()}
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                stored = handle.get_slice(key).get_dtype()
+                if floating.get(key, True) != _is_float_dtype(stored):
+                    kind = "a floating-point" if floating.get(key, True) else "an integer"
+                    raise WEMoEError(
+                        f"'{path}' weight '{key}' is stored as {stored}, the model expects {kind} tensor; the "
+                        "weights are damaged or were not written for this model"
+                    )
+                if floating.get(key, True):
+                    check_finite(handle.get_tensor(key), f"'{path}' weight '{key}'")
+
+
+def _is_float_dtype(safetensors_dtype: str) -> bool:
+    return safetensors_dtype.startswith("F") or safetensors_dtype == "BF16"
 
 
 def _load_processors(path: Path) -> tuple[Any, Any]:
@@ -309,10 +337,21 @@ def _dummy_forward(model: Any, tokenizer: Any, processor: Any) -> None:
 
 
 def _files_to_upload(path: Path) -> list[str]:
+    """The files to push; a symbolic link that leads out of the folder is refused (it could publish a token or
+    any other file of the machine)."""
     from huggingface_hub.utils import filter_repo_objects
 
     names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-    return list(filter_repo_objects(names, ignore_patterns=IGNORE_PATTERNS))
+    names = list(filter_repo_objects(names, ignore_patterns=IGNORE_PATTERNS))
+    root = path.resolve()
+    for name in names:
+        target = (path / name).resolve()
+        if not target.is_relative_to(root):
+            raise WEMoEError(
+                f"'{path / name}' is a symbolic link to '{target}', outside the folder; hf-wemoe push never "
+                "uploads files from outside the model folder: remove the link, or replace it with a copy of the file"
+            )
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,6 +401,7 @@ def push_folder(
 
     from huggingface_hub import HfApi
 
+    install_timeouts()
     api = HfApi(token=token)
     retry = _Retry(max_attempts, backoff, repo_id)
     with _upload_staging(model, repo_id, keep_card) as staging, quiet_libraries(show_progress):
@@ -451,7 +491,7 @@ def _upload_staging(model: ModelFolder, repo_id: str, keep_card: bool) -> Iterat
 
 
 class _Retry:
-    """Call a Hub operation, retrying transient failures with exponential backoff; other failures become one line."""
+    """Call a Hub operation with the package's bounded retries; failures become one line (`hub_error`)."""
 
     def __init__(self, max_attempts: int, backoff: float, repo_id: str):
         self.max_attempts = max(1, int(max_attempts))
@@ -459,43 +499,17 @@ class _Retry:
         self.repo_id = repo_id
 
     def __call__(self, operation: Callable[[], T], what: str) -> T:
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                return operation()
-            except Exception as err:  # noqa: BLE001 -- classified below
-                if not is_transient(err) or attempt == self.max_attempts:
-                    raise hub_error(err, self.repo_id, what, attempt) from err
-                wait = min(30.0, self.backoff * 2 ** (attempt - 1))
-                logger.warning(
-                    "%s: %s failed (%s); retrying in %.1fs (attempt %d of %d)",
-                    self.repo_id,
-                    what,
-                    one_line(err),
-                    wait,
-                    attempt + 1,
-                    self.max_attempts,
-                )
-                time.sleep(wait)
-        raise AssertionError("unreachable")
-
-
-def is_transient(err: BaseException) -> bool:
-    """True for failures worth retrying: HTTP 408/429/5xx answers and connection-level errors."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if isinstance(err, HfHubHTTPError):
-        response = getattr(err, "response", None)
-        return getattr(response, "status_code", None) in TRANSIENT_STATUS
-    try:
-        import httpx2 as httpx
-    except ImportError:  # pragma: no cover -- older huggingface_hub releases use httpx
-        import httpx
-    return isinstance(err, (httpx.TransportError, ConnectionError, TimeoutError))
+        return with_retries(
+            operation,
+            f"{what} for '{self.repo_id}'",
+            attempts=self.max_attempts,
+            backoff=self.backoff,
+            on_error=lambda err, attempts: hub_error(err, self.repo_id, what, attempts),
+        )
 
 
 def hub_error(err: BaseException, repo_id: str, what: str, attempts: int = 1) -> WEMoEError:
     """A one-line `WEMoEError` for a failed Hub call: what failed, why, and what to do."""
-    from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     tried = f" after {attempts} attempts" if attempts > 1 else ""
@@ -529,9 +543,12 @@ def hub_error(err: BaseException, repo_id: str, what: str, attempts: int = 1) ->
             f"the Hub refused the model card metadata of '{repo_id}': {one_line(err)}; {nothing}"
         )
     if is_transient(err):
-        return WEMoEError(
-            f"cannot reach the Hub at {constants.ENDPOINT}{tried} trying to {what} for '{repo_id}': "
-            f"{one_line(err)}; {nothing}"
+        return hub_unreachable(
+            err,
+            f"{what} for '{repo_id}'",
+            attempts,
+            advice=f"{nothing}; check the network and HF_ENDPOINT, or give slow connections more time with "
+            f"HF_HUB_DOWNLOAD_TIMEOUT (now {hub_timeout():g} s)",
         )
     return WEMoEError(f"push to '{repo_id}' failed trying to {what}: {one_line(err)}; {nothing}")
 

@@ -78,6 +78,20 @@ def _check_writable(path: Path) -> None:
         ) from err
 
 
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Refuse an output file that cannot be written (a folder, under a file, in a read-only folder) before any
+    expensive work starts."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise WEMoEError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'eval_results.json'}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise WEMoEError(f"{flag} {path} cannot be written: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise WEMoEError(f"{flag} {path} cannot be written (no permission); choose another path")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_output_dir(
     path: str | os.PathLike,

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hf_wemoe.errors import SourceError
 from hf_wemoe.io.layout import SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME
 from hf_wemoe.models.modeling_wemoe import is_router_parameter
 
@@ -78,6 +79,30 @@ class ShardedSafetensorsWriter:
         return [*files, index_path]
 
 
+def first_non_finite(tensor: torch.Tensor) -> float | None:
+    """The first NaN or infinite value of a floating-point tensor, or None when all are finite (or it is not float)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return None
+    return float(tensor.reshape(-1)[~finite.reshape(-1)][0])
+
+
+def check_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:
+    """Raise `SourceError` naming `what` when a floating-point tensor holds NaN or infinite values.
+
+    `hint` says what to do (default: the checkpoint is damaged, use another one).
+    """
+    bad = first_non_finite(tensor)
+    if bad is not None:
+        count = int((~torch.isfinite(tensor)).sum())
+        hint = hint or "the checkpoint is damaged or its training diverged: use another one"
+        raise SourceError(
+            f"{what} has non-finite values ({count} of {tensor.numel()} are NaN or infinite, e.g. {bad}); {hint}"
+        )
+
+
 def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The safetensors files of a saved model folder (single file or the shards its index lists)."""
     folder = Path(folder)
@@ -123,6 +148,8 @@ def folder_size(folder: str | os.PathLike) -> int:
 
 __all__ = [
     "ShardedSafetensorsWriter",
+    "check_finite",
+    "first_non_finite",
     "count_parameters",
     "folder_size",
     "tensor_shapes",

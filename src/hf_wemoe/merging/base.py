@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from hf_wemoe.io.sources import ModelSource
 
+# What to do when a merged tensor is not finite: sources are checked when read, so the merge itself overflowed.
+OVERFLOW_HINT = "the merge overflows the checkpoint's dtype: lower --scaling"
+
 # `progress(iterable, description, total)` wraps an iterable with a progress bar (or returns it unchanged).
 Progress = Callable[[Iterable, str, int | None], Iterable]
 
@@ -68,4 +71,4 @@ class MergeMethod(ABC):
         """Write the merged model (config and weights) into the empty folder `folder`."""
 
 
-__all__ = ["MergeJob", "MergeMethod", "Progress", "no_progress"]
+__all__ = ["OVERFLOW_HINT", "MergeJob", "MergeMethod", "Progress", "no_progress"]

@@ -79,6 +79,7 @@ class MergeRecipe(BaseModel):
     method: str = Field(default="wemoe", description="merge method", json_schema_extra={"metavar": "METHOD"})
     scaling: float = Field(
         default=0.3,
+        allow_inf_nan=False,  # a NaN or infinite lambda would write a NaN model
         description="scaling factor lambda of the summed task vectors (task arithmetic, TIES, and WEMoE's "
         "non-MLP weights and router initialisation)",
         json_schema_extra=_method_option(metavar="LAMBDA"),

@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from hf_wemoe.io.weights import ShardedSafetensorsWriter
-from hf_wemoe.merging.base import MergeJob, MergeMethod
+from hf_wemoe.io.weights import ShardedSafetensorsWriter, check_finite
+from hf_wemoe.merging.base import OVERFLOW_HINT, MergeJob, MergeMethod
 from hf_wemoe.utils.formatting import parse_size
 
 
@@ -42,8 +42,9 @@ class StaticMergeMethod(MergeMethod):
         writer = ShardedSafetensorsWriter(folder, parse_size(self.options.max_shard_size))
         for key in job.progress(job.base.keys, f"{self.name}", len(job.base.keys)):
             base = job.base.get(key)
-            merged = self.merge_tensor(key, base, list(job.expert_tensors(key)))
-            writer.add(key, merged.to(base.dtype))
+            merged = self.merge_tensor(key, base, list(job.expert_tensors(key))).to(base.dtype)
+            check_finite(merged, f"the merged tensor '{key}'", OVERFLOW_HINT)
+            writer.add(key, merged)
         writer.finish()
 
 

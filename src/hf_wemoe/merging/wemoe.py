@@ -16,7 +16,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
 from hf_wemoe.io.sources import CONFIG_METADATA_FIELDS
-from hf_wemoe.merging.base import MergeJob, MergeMethod
+from hf_wemoe.io.weights import check_finite
+from hf_wemoe.merging.base import OVERFLOW_HINT, MergeJob, MergeMethod
 from hf_wemoe.merging.static import task_arithmetic, task_vectors
 from hf_wemoe.models.configuration_wemoe import DEPRECATED_FIELD_NAMES, WEMoECLIPVisionConfig
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
@@ -89,7 +90,9 @@ def upscale_tensors(
             yield key, theta0
             yield f"encoder.layers.{mlp[0]}.mlp.task_vectors.{mlp[1]}", task_vectors(theta0, thetas)
         else:
-            yield key, task_arithmetic(theta0, thetas, scale).to(theta0.dtype)
+            merged = task_arithmetic(theta0, thetas, scale).to(theta0.dtype)
+            check_finite(merged, f"the merged tensor '{key}'", OVERFLOW_HINT)
+            yield key, merged
 
 
 def load_upscaled_tensor(model: WEMoECLIPVisionModel, key: str, tensor: torch.Tensor) -> None:

@@ -93,7 +93,10 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
             data, a non-finite loss.
     """
     output = check_output_dir(require(config.output, "--output"), config.overwrite)
-    classifier, tasks, processor = load_tasks(config, require_labels=config.objective == "supervised")
+    supervised = config.objective == "supervised"
+    classifier, tasks, processor = load_tasks(
+        config, require_labels=supervised, check_labels=supervised or config.evaluate
+    )
     if not classifier.is_wemoe:
         raise WEMoEError(
             f"{config.model} is a static CLIP vision model with no routers to adapt; merge it with "

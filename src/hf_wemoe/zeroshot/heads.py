@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.io.hub import install_timeouts
+from hf_wemoe.io.pretrained import load_config, load_model, locate_pretrained
 from hf_wemoe.io.sources import ModelReference, parse_reference
 from hf_wemoe.utils.formatting import first_line
 from hf_wemoe.utils.progress import progress
@@ -224,6 +226,7 @@ def _resolve_hub_commit(repo: str, revision: str | None) -> str:
 
     reason = "offline mode"
     if not is_offline_mode():
+        install_timeouts()
         try:
             sha = HfApi().model_info(repo, revision=revision).sha
             if sha:
@@ -282,25 +285,23 @@ def _cache_key(identity: str, classnames: Sequence[str], templates: Sequence[str
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def _load_clip(ref: ModelReference) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoTokenizer, CLIPModel
+def _load_clip(ref: ModelReference, allow_pickle: bool = False) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer, CLIPModel
 
     # Hub models load by the user's revision (not the resolved sha), so the Hub cache records where that
     # revision points and the commit can be resolved offline later.
-    source, revision = (str(ref.path), None) if ref.is_local else (ref.repo_id, ref.revision)
     advice = "zero-shot heads need the full pretrained CLIP, e.g. openai/clip-vit-base-patch32"
+    what = "a CLIP model with its text tower and tokenizer from"
+    location = locate_pretrained(ref, allow_pickle=allow_pickle)
+    config = load_config(location, what)
+    # CLIPModel.from_pretrained would turn a vision-only config into a random full CLIP: check first.
+    if config.model_type != "clip":
+        raise SourceError(f"{ref.text} is a {config.model_type!r} model, not a full CLIP; {advice}")
+    model = load_model(CLIPModel, location, what, config=config)
     try:
-        config = AutoConfig.from_pretrained(source, revision=revision)
-        # CLIPModel.from_pretrained would turn a vision-only config into a random full CLIP: check first.
-        if config.model_type != "clip":
-            raise SourceError(f"{ref.text} is a {config.model_type!r} model, not a full CLIP; {advice}")
-        model = CLIPModel.from_pretrained(source, config=config, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(location.name_or_path, **location.load_kwargs())
     except (OSError, ValueError, KeyError) as exc:
-        raise SourceError(
-            f"cannot load a CLIP model with its text tower and tokenizer from {ref.text}: {first_line(exc)} "
-            f"({advice})"
-        ) from exc
+        raise SourceError(f"cannot load {what} {ref.text}: {first_line(exc)} ({advice})") from exc
     return model, tokenizer
 
 
@@ -314,13 +315,15 @@ def load_or_build_heads(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     show_progress: bool = False,
+    allow_pickle: bool = False,
 ) -> dict[str, ZeroShotHead]:
     """Zero-shot heads for several tasks (``{task: (classnames, templates)}``), from the disk cache when
     possible; the CLIP model is loaded at most once, and only when some head is missing.
 
     ``clip_model``/``tokenizer``, when given, must be the model that ``clip_ref_or_path`` names; they save
     loading it again. Heads are keyed by the model identity (see :func:`model_identity`), the class names and
-    the templates; ``cache_dir`` defaults to :func:`heads_cache_dir`.
+    the templates; ``cache_dir`` defaults to :func:`heads_cache_dir`. A model with only pickle weights is loaded
+    only with ``allow_pickle``.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else heads_cache_dir()
     ref = parse_reference(str(clip_ref_or_path))
@@ -338,7 +341,7 @@ def load_or_build_heads(
                 heads[task] = head
                 continue
         if clip_model is None:
-            clip_model, tokenizer = _load_clip(ref)
+            clip_model, tokenizer = _load_clip(ref, allow_pickle)
             if not ref.is_local:
                 # Key by the commit actually loaded, should the revision have moved since it was resolved.
                 commit = _cached_commit(ref.repo_id, ref.revision) or identity.rsplit("@", 1)[1]
