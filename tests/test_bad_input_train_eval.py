@@ -118,7 +118,7 @@ PROBES = [
     ("expert-count-train", train_args, lambda w, t: dict(model=edited_config(w, t, expert_names=["a", "b", "c"])), "the model expects (3,"),
     ("typed-field", eval_args, lambda w, t: dict(model=edited_config(w, t, hidden_size="big")), "Field 'hidden_size' expected int"),
     ("inconsistent-field", train_args, lambda w, t: dict(model=edited_config(w, t, routing="sometimes")), "routing must be one of"),
-    ("corrupted-sparse", eval_args, lambda w, t: dict(model=corrupted_sparse(w, t)), "loads but does not run: corrupted sparse task vectors"),
+    ("corrupted-sparse", eval_args, lambda w, t: dict(model=corrupted_sparse(w, t)), "corrupted sparse task vectors"),
     ("corrupted-sparse-train", train_args, lambda w, t: dict(model=corrupted_sparse(w, t)), "corrupted sparse task vectors"),
     ("labels-beyond-classes", eval_args, lambda w, t: dict(extra=["--task", f"five={w['five-labels']}", "--classnames", f"five={w['three-classes']}"]), "range over 0..4, but the head has 3 classes"),
     ("labels-beyond-classes-train", train_args, lambda w, t: dict(extra=["--task", f"five={w['five-labels']}", "--classnames", f"five={w['three-classes']}", "--objective", "supervised"]), "range over 0..4"),
@@ -127,7 +127,7 @@ PROBES = [
     ("missing-folder", eval_args, lambda w, t: dict(model=existing_parent(t)), "no such folder: 'out/nope'"),
     ("missing-dot-folder", train_args, lambda w, t: dict(model="./nope"), "no such folder: './nope'"),
     ("unknown-hub-id", eval_args, lambda w, t: dict(model="testorg/no-such-model"), "not a reachable Hub repo"),
-    ("lr-nan", train_args, lambda w, t: dict(extra=["--lr", "nan"]), "invalid option lr: Input should be a finite number"),
+    ("lr-nan", train_args, lambda w, t: dict(extra=["--lr", "nan"]), "invalid --lr (lr): Input should be a finite number"),
 ]  # fmt: skip
 
 

@@ -28,10 +28,12 @@ from hf_wemoe.io.layout import (
     ROUTING_PLOT_NAME,
     TOKENIZER_FILES,
 )
+from hf_wemoe.io.sources import parse_reference
 from hf_wemoe.io.weights import count_parameters, weight_files
 from hf_wemoe.merging.registry import get_method
 from hf_wemoe.models.configuration_wemoe import DEPRECATED_FIELD_NAMES
 from hf_wemoe.utils.formatting import format_size, one_line
+from hf_wemoe.zeroshot.data import parse_dataset_ref
 
 
 def _template_dir() -> Path:
@@ -326,8 +328,6 @@ def _source_entry(name: str, record: dict | None, ref: str) -> dict[str, Any]:
 
 
 def _is_hub_ref(ref: str) -> bool:
-    from hf_wemoe.io.sources import parse_reference
-
     if str(ref) == NOT_RECORDED or Path(str(ref)).expanduser().exists():
         return False
     try:
@@ -338,8 +338,6 @@ def _is_hub_ref(ref: str) -> bool:
 
 def _dataset_entry(task: str, ref: str | None) -> dict[str, Any]:
     """A task's dataset for the card: Hub repo id and link, config and split, or a local path."""
-    from hf_wemoe.zeroshot.data import parse_dataset_ref
-
     entry = {"task": task, "ref": ref, "repo_id": None, "url": None, "config": None, "split": None}
     if not ref:
         return entry

@@ -148,6 +148,8 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
         )
     model_class, is_wemoe, full_clip = classes[model_type]
     info = ModelFolder(path, model_type, model_class.__name__, is_wemoe, full_clip)
+    # torch-side imports stay inside the functions that load a model: `hf-wemoe push --help` and the repo-id and
+    # token checks that merge and train run first need none of them.
     from hf_wemoe.io.weights import weight_files
 
     if not weight_files(path):
@@ -192,6 +194,7 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
 
 def model_classes() -> dict[str, tuple[Any, bool, bool]]:
     """config.json model_type -> (model class, is WEMoE, is a full CLIP model), for the kinds of `MODEL_KINDS`."""
+    # Imported here, like the other torch-side imports of this module, to keep `hf-wemoe push --help` fast.
     from transformers import CLIPModel, CLIPVisionModel
 
     from hf_wemoe.hub.cards import MODEL_KINDS
@@ -241,7 +244,7 @@ def _with_sibling_imports(path: Path, modules: set[str]) -> set[str]:
 
 def _check_weights(path: Path, model: Any) -> None:
     """Every tensor of the model is in the weight files with its shape, and the files hold nothing else."""
-    from hf_wemoe.io.weights import tensor_shapes
+    from hf_wemoe.io.weights import tensor_shapes  # torch-side: imported on use, for start-up time
 
     try:
         stored = {key: shape for key, (shape, _) in tensor_shapes(path).items()}
@@ -464,7 +467,7 @@ def _upload_staging(model: ModelFolder, repo_id: str, keep_card: bool) -> Iterat
     symbolically linked; upload_folder reads through both. The folder's name carries this process's id, so the
     next push removes what a killed one left behind.
     """
-    from hf_wemoe.hub.cards import model_card, validate_card
+    from hf_wemoe.hub.cards import model_card, validate_card  # torch-side: imported on use, for start-up time
 
     remove_stale_staging(tempfile.gettempdir(), STAGING_STEM)
     staging = make_staging_dir(tempfile.gettempdir(), STAGING_STEM)

@@ -70,6 +70,7 @@ from hf_wemoe.toy.training import (
     zero_shot_head,
 )
 from hf_wemoe.utils.progress import log_stage, progress, progress_bar, quiet_libraries
+from hf_wemoe.version import __version__
 
 __all__ = [
     "BASE_NAME",
@@ -186,8 +187,6 @@ def _task_data(arrays: list[np.ndarray], labels: list[int]) -> TaskData:
 def _versions() -> dict[str, str]:
     import datasets
     import transformers
-
-    from hf_wemoe.version import __version__
 
     return {
         "hf_wemoe": __version__,

@@ -21,6 +21,9 @@ from torch import nn
 from hf_wemoe.errors import SourceError, WEMoEError
 from hf_wemoe.io.layout import CARD_NAME, CONFIG_NAME, PICKLE_NAME, TOKENIZER_CONFIG_NAME, TOKENIZER_FILES
 from hf_wemoe.io.sources import CONFIG_METADATA_FIELDS, ModelSource, SafetensorsFile
+from hf_wemoe.models.configuration_wemoe import WEMoECLIPConfig
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.models.modeling_wemoe_clip import WEMoECLIPModel
 from hf_wemoe.utils.formatting import one_line
 
 _TEXT_PREFIXES = ("text_model.", "text_projection.", "visual_projection.")
@@ -101,10 +104,6 @@ def write_full_clip(vision_folder: Path, base: ModelSource, folder: Path, max_sh
         WEMoEError: the base lacks text tower tensors or tokenizer files.
     """
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionModel
-
-    from hf_wemoe.models.configuration_wemoe import WEMoECLIPConfig
-    from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
-    from hf_wemoe.models.modeling_wemoe_clip import WEMoECLIPModel
 
     check_full_clip_base(base)
     base_config = json.loads((base.folder / CONFIG_NAME).read_text())

@@ -27,6 +27,7 @@ from hf_wemoe.merging.recipe import MergeRecipe
 from hf_wemoe.utils.config_files import dump_yaml
 from hf_wemoe.utils.formatting import format_size, parse_size
 from hf_wemoe.utils.progress import progress, progress_enabled, quiet_libraries
+from hf_wemoe.version import __version__
 from hf_wemoe.workflows.full_clip import base_license, check_full_clip_base, write_full_clip
 
 # Config fields that change what a model computes without changing any tensor shape.
@@ -187,8 +188,6 @@ def run_merge(
 
 
 def _provenance(base: ModelSource, experts: dict[str, ModelSource], recipe: dict[str, Any]) -> dict[str, Any]:
-    from hf_wemoe.version import __version__
-
     provenance = {
         "base": base.provenance(),
         "experts": {name: source.provenance() for name, source in experts.items()},
