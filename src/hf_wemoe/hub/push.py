@@ -404,7 +404,7 @@ def _upload_staging(model: ModelFolder, repo_id: str, keep_card: bool) -> Iterat
     The model folder itself is not changed. Files are hard-linked when possible (same file system), else
     symbolically linked; upload_folder reads through both.
     """
-    from hf_wemoe.hub.cards import model_card, validate_card
+    from hf_wemoe.hub.cards import local_source_paths, model_card, validate_card
 
     staging = Path(tempfile.mkdtemp(prefix="hf-wemoe-push-"))
     try:
@@ -424,6 +424,13 @@ def _upload_staging(model: ModelFolder, repo_id: str, keep_card: bool) -> Iterat
             (staging / CARD_NAME).write_text(text, encoding="utf-8")
         else:
             model_card(model.path, model_id=repo_id).save(staging / CARD_NAME)
+        local = local_source_paths(model.path)
+        if local:
+            logger.warning(
+                "the model card names the sources by local paths (%s) and no Hub base model, so the paths are "
+                "published and the Hub links the model to nothing; merge from Hub repo ids (org/name) to link them",
+                ", ".join(local),
+            )
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
