@@ -20,26 +20,8 @@ import sys
 from pathlib import Path
 
 from hf_wemoe.adaptation import TrainOptions
-from hf_wemoe.workflows.experiment import (
-    ExperimentOptions,
-    Suite,
-    SuiteTask,
-    results_markdown,
-    run_experiment,
-    write_results,
-)
-
-# Task name (also its built-in template set) -> dataset reference (REPO[@REV][:CONFIG][#SPLIT]).
-TA8_DATASETS = {
-    "sun397": "tanganke/sun397#test",
-    "stanford-cars": "tanganke/stanford_cars#test",
-    "resisc45": "tanganke/resisc45#test",
-    "eurosat": "tanganke/eurosat#test",
-    "svhn": "ufldl-stanford/svhn:cropped_digits#test",
-    "gtsrb": "tanganke/gtsrb#test",
-    "mnist": "ylecun/mnist#test",
-    "dtd": "tanganke/dtd#test",
-}
+from hf_wemoe.workflows.experiment import ExperimentOptions, results_markdown, run_experiment, save_results
+from hf_wemoe.workflows.suites import TA8_DATASETS, ta8_suite
 
 # Reported average accuracy (%) over the eight tasks, Hugging Face checkpoints.
 REPORTED = {
@@ -50,15 +32,6 @@ REPORTED = {
     "large-patch14": {"pretrained (zero-shot)": 64.6, "individual experts": 94.3, "average": 80.0,
                       "task-arithmetic": 80.7, "ties": 84.0, "wemoe": 93.8, "e-wemoe": 93.5},
 }  # fmt: skip
-
-
-def ta8_suite(model: str, tasks: list[str]) -> Suite:
-    """The TA8 suite for `openai/clip-vit-<model>` and its `tanganke` experts."""
-    return Suite(
-        name=f"TA8 clip-vit-{model}",
-        base=f"openai/clip-vit-{model}",
-        tasks=[SuiteTask(task, f"tanganke/clip-vit-{model}_{task}", TA8_DATASETS[task]) for task in tasks],
-    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         train=TrainOptions(steps=args.steps, lr=args.lr, batch_size_per_task=args.batch_size_per_task),
         eval_batch_size=args.eval_batch_size,
         device=args.device,
-        progress=not args.quiet,
+        progress=False if args.quiet else None,
     )
     rows = run_experiment(suite, args.workdir, options)
     table = results_markdown(rows, suite.task_names)
@@ -117,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{suite.name}, tasks: {', '.join(suite.task_names)}; adaptation: {args.steps} steps, lr {args.lr}, "
         f"{args.batch_size_per_task} images per task and step; routing: per sample."
     )
-    write_results(rows, suite.task_names, args.output, preamble=note + "\n\n" + "\n".join(comparison))
+    save_results(rows, suite.task_names, args.output, preamble=note + "\n\n" + "\n".join(comparison))
     print(table)
     print()
     print("\n".join(comparison))

@@ -194,13 +194,23 @@ def test_static_merge_cards(folders):
 def test_card_of_a_model_built_in_python(tmp_path):
     """A model saved by `build_wemoe(...).save_pretrained` records no recipe: the card says so, lists no sources."""
     base, experts = make_base_and_experts(num_experts=2)
-    build_wemoe(base, experts, shared_router=True, task_vector_sparsity=0.5).save_pretrained(tmp_path)
+    build_wemoe(base, experts, shared_router=True, sparsity=0.5).save_pretrained(tmp_path)
     card = model_card(tmp_path, model_id="testorg/python")
     assert _validate_card_metadata(str(card)) == []
     assert card.data.base_model is None and "e-wemoe" in card.data.tags
     assert "`e-wemoe`" in card.text and "50% of every tensor kept" in card.text
     assert "one router shared by all layers" in card.text
     assert "| task0 | `not recorded` | `unknown` |" in card.text and "## Recipe" not in card.text
+
+
+def test_card_of_a_folder_saved_with_the_old_field_names(tmp_path):
+    """A config.json saved before `init_lambda` and `task_vector_sparsity` were renamed gives the same card."""
+    folder = shutil.copytree(Path(__file__).parent / "fixtures" / "legacy_ewemoe", tmp_path / "legacy")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["init_lambda"] == 0.3 and config["task_vector_sparsity"] == 0.9 and "scaling" not in config
+    card = model_card(folder, model_id="testorg/legacy")
+    assert "`e-wemoe`" in card.text and "10% of every tensor kept by magnitude (sparsity 0.9)" in card.text
+    assert "| λ (task-arithmetic scaling, router initialisation) | 0.3 |" in card.text
 
 
 def test_card_errors(folders, tmp_path):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hf_wemoe.models.modeling_wemoe as modeling
+import hf_wemoe.models.wemoe_ops as ops
 from hf_wemoe import build_wemoe
-from hf_wemoe.models.modeling_wemoe import _MergeBlocks, _MergedWeight, _PerSampleLinear
+from hf_wemoe.models.wemoe_ops import MergeBlocks, MergedWeight, PerSampleLinear
 from test_modeling import reference_forward
 from tiny_models import make_base_and_experts, randomize_routers
 
@@ -52,7 +52,7 @@ ORDER = ("x", "routing", "weight", "bias", "deltas", "bias_deltas")
 
 
 def run_kernel(inputs):
-    return _PerSampleLinear.apply(*(inputs[name] for name in ORDER))
+    return PerSampleLinear.apply(*(inputs[name] for name in ORDER))
 
 
 # Block layouts: (MERGE_BLOCK_ELEMENTS, MIN_BLOCK_ROWS) chosen for batch 5 and 37 x 11 / 11 x 37 layers.
@@ -69,8 +69,8 @@ BLOCKINGS = {
 @pytest.fixture(params=list(BLOCKINGS))
 def blocking(request, monkeypatch):
     budget, min_rows = BLOCKINGS[request.param]
-    monkeypatch.setattr(modeling, "MERGE_BLOCK_ELEMENTS", budget)
-    monkeypatch.setattr(modeling, "MIN_BLOCK_ROWS", min_rows)
+    monkeypatch.setattr(ops, "MERGE_BLOCK_ELEMENTS", budget)
+    monkeypatch.setattr(ops, "MIN_BLOCK_ROWS", min_rows)
     return request.param
 
 
@@ -84,22 +84,22 @@ def test_per_sample_linear_matches_reference(blocking, shape, batch):
 
 def test_block_plans_cover_uneven_splits_and_both_merge_paths(monkeypatch):
     """The layouts above really exercise uneven row blocks, uneven sample groups and both merge paths."""
-    monkeypatch.setattr(modeling, "MERGE_BLOCK_ELEMENTS", 2 * 11 * 8)
-    monkeypatch.setattr(modeling, "MIN_BLOCK_ROWS", 8)
+    monkeypatch.setattr(ops, "MERGE_BLOCK_ELEMENTS", 2 * 11 * 8)
+    monkeypatch.setattr(ops, "MIN_BLOCK_ROWS", 8)
     x = torch.zeros(5, TOKENS, 11)
-    blocks = _MergeBlocks(
+    blocks = MergeBlocks(
         x, torch.zeros(5, NUM_EXPERTS), torch.zeros(37, 11), torch.zeros(NUM_EXPERTS, 37, 11)
     )
     rows = [stop - start for start, stop in blocks.row_ranges()]
     groups = [last - first for first, last in blocks.sample_ranges()]
     assert rows == [8, 8, 8, 8, 5] and groups == [2, 2, 1] and not blocks.direct
-    monkeypatch.setattr(modeling, "MERGE_BLOCK_ELEMENTS", 1 << 30)
-    blocks = _MergeBlocks(
+    monkeypatch.setattr(ops, "MERGE_BLOCK_ELEMENTS", 1 << 30)
+    blocks = MergeBlocks(
         x, torch.zeros(5, NUM_EXPERTS), torch.zeros(37, 11), torch.zeros(NUM_EXPERTS, 37, 11)
     )
     assert blocks.direct and blocks.rows == 37 and blocks.group == 5
     # Low-precision storage always goes through the (converting) staged copy.
-    blocks = _MergeBlocks(
+    blocks = MergeBlocks(
         x, torch.zeros(5, NUM_EXPERTS), torch.zeros(37, 11), torch.zeros(NUM_EXPERTS, 37, 11).bfloat16()
     )
     assert not blocks.direct
@@ -126,7 +126,7 @@ def test_gradients_only_for_what_requires_them(blocking):
     inputs = make_inputs(5, 37, 11, seed=3)
     x = inputs["x"].clone().requires_grad_(True)
     routing = inputs["routing"].clone().requires_grad_(True)
-    output = _PerSampleLinear.apply(x, routing, *(inputs[n] for n in ORDER[2:]))
+    output = PerSampleLinear.apply(x, routing, *(inputs[n] for n in ORDER[2:]))
     output.sum().backward()
     reference = {name: tensor.double() for name, tensor in inputs.items()}
     reference["x"] = reference["x"].requires_grad_(True)
@@ -143,7 +143,7 @@ def test_low_precision_task_vectors_merge_in_float32(blocking, delta_dtype):
     # which they would not if merging or routing ran in the storage dtype.
     torch.testing.assert_close(run_kernel(inputs), reference_linear(**inputs).float(), atol=1e-5, rtol=1e-5)
     routing = inputs["routing"].clone().requires_grad_(True)
-    output = _PerSampleLinear.apply(inputs["x"], routing, *(inputs[n] for n in ORDER[2:]))
+    output = PerSampleLinear.apply(inputs["x"], routing, *(inputs[n] for n in ORDER[2:]))
     (grad,) = torch.autograd.grad(output.sum(), routing)
     assert grad.dtype == torch.float32
     reference = {name: tensor.double() for name, tensor in inputs.items()}
@@ -164,7 +164,7 @@ def test_activation_inside_the_layer_is_recomputed_in_backward(blocking):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        output = _PerSampleLinear.apply(*(leaves[n] for n in ORDER), activation)
+        output = PerSampleLinear.apply(*(leaves[n] for n in ORDER), activation)
     # Only the inputs themselves are saved: no activation output, no merged weights.
     assert saved and all(any(t is leaf for leaf in leaves.values()) for t in saved)
     reference = {name: tensor.double().clone().requires_grad_(True) for name, tensor in inputs.items()}
@@ -195,7 +195,7 @@ def test_non_contiguous_inputs(blocking):
     x = inputs["x"].clone().requires_grad_(True)
     upstream = torch.randn(12, TOKENS, 37).transpose(0, 1)[:, ::2].transpose(0, 1)  # non-contiguous grad
     (grad,) = torch.autograd.grad(
-        (_PerSampleLinear.apply(x, *(inputs[n] for n in ORDER[1:])) * upstream).sum(), x
+        (PerSampleLinear.apply(x, *(inputs[n] for n in ORDER[1:])) * upstream).sum(), x
     )
     reference = {name: tensor.double() for name, tensor in inputs.items()}
     reference["x"] = reference["x"].requires_grad_(True)
@@ -206,12 +206,12 @@ def test_non_contiguous_inputs(blocking):
 @pytest.mark.parametrize("delta_dtype", [torch.float32, torch.bfloat16])
 def test_merged_weight_of_one_routing_vector(monkeypatch, delta_dtype):
     """The merge behind `merged_mlp_state` and `collapse`, with block-wise conversion of low-precision storage."""
-    monkeypatch.setattr(modeling, "MERGE_BLOCK_ELEMENTS", 3 * 11)  # 3 rows per conversion block
+    monkeypatch.setattr(ops, "MERGE_BLOCK_ELEMENTS", 3 * 11)  # 3 rows per conversion block
     inputs = make_inputs(1, 37, 11, seed=9, delta_dtype=delta_dtype)
     routing = inputs["routing"].clone().requires_grad_(True)
     weight = inputs["weight"].clone().requires_grad_(True)
     deltas = inputs["deltas"].clone().requires_grad_(True)
-    merged = _MergedWeight.apply(routing, weight, deltas)
+    merged = MergedWeight.apply(routing, weight, deltas)
     ref_routing, ref_weight, ref_deltas = (
         t.double().detach().requires_grad_(True) for t in (routing, weight, deltas)
     )
@@ -254,7 +254,7 @@ def tiny_zoo():
     "options",
     [
         pytest.param(dict(), id="dense"),
-        pytest.param(dict(task_vector_sparsity=0.6, shared_router=True), id="sparse"),
+        pytest.param(dict(sparsity=0.6, shared_router=True), id="sparse"),
         pytest.param(dict(task_vector_dtype="bfloat16"), id="bf16-storage"),
         pytest.param(dict(routing="batch", task_vector_dtype="float16"), id="batch-fp16-storage"),
     ],
@@ -285,7 +285,7 @@ def test_large_batch_model_matches_reference(tiny_zoo):
 
 
 def test_sparse_cache_filled_in_inference_mode_serves_training(tiny_zoo):
-    model = build_wemoe(*tiny_zoo, task_vector_sparsity=0.5)
+    model = build_wemoe(*tiny_zoo, sparsity=0.5)
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         evaluated = model(pixel_values).pooler_output
@@ -297,8 +297,8 @@ def test_sparse_cache_filled_in_inference_mode_serves_training(tiny_zoo):
 
 def test_backward_saves_no_merged_weights_with_many_blocks(tiny_zoo, monkeypatch):
     """Per-sample router training with many small blocks keeps nothing of size batch x weight."""
-    monkeypatch.setattr(modeling, "MERGE_BLOCK_ELEMENTS", 2048)
-    monkeypatch.setattr(modeling, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(ops, "MERGE_BLOCK_ELEMENTS", 2048)
+    monkeypatch.setattr(ops, "MIN_BLOCK_ROWS", 1)
     model = build_wemoe(*tiny_zoo)
     batch = 32
     saved = []

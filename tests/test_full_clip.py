@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPVisio
 
 from hf_wemoe import WEMoECLIPModel, WEMoECLIPVisionModel
 from hf_wemoe.cli.main import main
+from hf_wemoe.models.modeling_wemoe import is_router_parameter
 from tiny_clip import make_tiny_clip
 
 EXPERTS = ("blocks", "stripes")
@@ -74,6 +75,7 @@ def test_full_clip_folder(merged):
         "configuration_wemoe.py",
         "modeling_wemoe.py",
         "modeling_wemoe_clip.py",
+        "wemoe_ops.py",
         "preprocessor_config.json",
         "tokenizer_config.json",
         "tokenizer.json",
@@ -98,7 +100,7 @@ def test_full_clip_folder(merged):
     assert list(provenance["experts"]) == list(EXPERTS) and provenance["base_license"] == {"license": "mit"}
     assert yaml.safe_load((full / "merge_config.yaml").read_text())["full_clip"] is True
     # The copied model code imports only its siblings, never the package.
-    for name in ("modeling_wemoe_clip.py", "modeling_wemoe.py", "configuration_wemoe.py"):
+    for name in ("modeling_wemoe_clip.py", "modeling_wemoe.py", "configuration_wemoe.py", "wemoe_ops.py"):
         assert "hf_wemoe" not in (full / name).read_text(), name
 
 
@@ -111,7 +113,7 @@ def test_full_clip_is_the_base_text_tower_with_the_merged_vision_tower(merged):
         assert all(torch.equal(tensor, expected[key]) for key, tensor in part.state_dict().items())
     assert torch.equal(full.visual_projection.weight, base.visual_projection.weight)
     assert torch.equal(full.logit_scale, base.logit_scale)
-    assert all(".router." in name for name, p in full.named_parameters() if p.requires_grad)
+    assert all(is_router_parameter(name) for name, p in full.named_parameters() if p.requires_grad)
 
     tokenizer = AutoTokenizer.from_pretrained(merged["full"])
     text = tokenizer(["a photo of red", "green"], padding=True, return_tensors="pt")

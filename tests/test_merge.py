@@ -25,6 +25,7 @@ from hf_wemoe.cli.merge import MergeRunOptions
 from hf_wemoe.io.weights import count_parameters
 from hf_wemoe.merging.recipe import MergeRecipe
 from hf_wemoe.merging.registry import merge_methods
+from hf_wemoe.models.modeling_wemoe import is_router_parameter
 from hf_wemoe.workflows.merge import run_merge
 from test_sources import write_checkpoint
 from tiny_models import make_base_and_experts
@@ -171,6 +172,7 @@ def test_wemoe_output_folder(zoo, wemoe_output):
         "model.safetensors",
         "configuration_wemoe.py",
         "modeling_wemoe.py",
+        "wemoe_ops.py",
         "preprocessor_config.json",
         "merge_config.yaml",
         "README.md",
@@ -242,7 +244,7 @@ def test_recipe_rebuilds_identical_weights(zoo, wemoe_output, tmp_path):
     run_ok(merge_args(zoo, tmp_path / "seed1", "--seed", "1"))
     first, other = weights(wemoe_output), weights(tmp_path / "seed1")
     for key in first:
-        randomly_initialised = ".router." in key and key.endswith(".weight")  # biases start at 0 and lambda
+        randomly_initialised = is_router_parameter(key) and key.endswith(".weight")  # biases start at 0 and lambda
         assert torch.equal(first[key], other[key]) != randomly_initialised, key
 
 
@@ -250,8 +252,8 @@ def test_e_wemoe_defaults_and_overrides(zoo, tmp_path):
     base, experts, _ = zoo
     run_ok(merge_args(zoo, tmp_path / "e", "--method", "e-wemoe"))
     model = WEMoECLIPVisionModel.from_pretrained(tmp_path / "e")
-    assert model.config.task_vector_sparsity == 0.9 and model.config.shared_router is True
-    reference = build_wemoe(base, experts, seed=0, task_vector_sparsity=0.9, shared_router=True).state_dict()
+    assert model.config.sparsity == 0.9 and model.config.shared_router is True
+    reference = build_wemoe(base, experts, seed=0, sparsity=0.9, shared_router=True).state_dict()
     state = model.state_dict()
     assert state.keys() == reference.keys()
     assert any(key.startswith("encoder.router.") for key in state)
@@ -268,9 +270,9 @@ def test_e_wemoe_defaults_and_overrides(zoo, tmp_path):
         )
     )
     config = json.loads((tmp_path / "custom" / "config.json").read_text())
-    assert config["task_vector_sparsity"] == 0.5 and config["shared_router"] is False
+    assert config["sparsity"] == 0.5 and config["shared_router"] is False
     assert config["task_vector_dtype"] == "bfloat16" and config["router_depth"] == 1
-    assert config["routing"] == "batch" and config["init_lambda"] == 0.25
+    assert config["routing"] == "batch" and config["scaling"] == 0.25
     tensors = weights(tmp_path / "custom")
     assert tensors["encoder.layers.0.mlp.task_vectors.fc1_weight_values"].dtype == torch.bfloat16
     recipe = yaml.safe_load((tmp_path / "custom" / "merge_config.yaml").read_text())

@@ -20,7 +20,8 @@ from hf_wemoe import (
     build_wemoe,
 )
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
-from hf_wemoe.models.modeling_wemoe import num_kept_entries
+from hf_wemoe.models.modeling_wemoe import is_router_parameter
+from hf_wemoe.models.wemoe_ops import num_kept_entries
 from tiny_models import make_base_and_experts, randomize_routers
 
 MLP_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -131,10 +132,10 @@ VARIANTS = [
     pytest.param(dict(router_depth=1), id="depth1"),
     pytest.param(dict(router_depth=0), id="depth0"),
     pytest.param(dict(shared_router=True), id="shared"),
-    pytest.param(dict(task_vector_sparsity=0.7), id="sparse"),
-    pytest.param(dict(shared_router=True, task_vector_sparsity=0.9), id="e-wemoe"),
+    pytest.param(dict(sparsity=0.7), id="sparse"),
+    pytest.param(dict(shared_router=True, sparsity=0.9), id="e-wemoe"),
     pytest.param(dict(routing="batch"), id="batch"),
-    pytest.param(dict(routing="batch", task_vector_sparsity=0.5, router_depth=1), id="batch-sparse"),
+    pytest.param(dict(routing="batch", sparsity=0.5, router_depth=1), id="batch-sparse"),
     pytest.param(dict(moe_layers=[0, 2]), id="moe-layers"),
 ]
 
@@ -175,14 +176,14 @@ def test_forward_and_router_gradients_match_reference(tiny_zoo, options):
 def test_only_router_parameters_require_gradients(tiny_zoo, tmp_path):
     model = build_wemoe(*tiny_zoo)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".router." in name for name in trainable)
+    assert trainable and all(is_router_parameter(name) for name in trainable)
     model.save_pretrained(tmp_path)
     loaded = AutoModel.from_pretrained(tmp_path)
     assert {name for name, p in loaded.named_parameters() if p.requires_grad} == trainable
 
 
 def test_fresh_routers_route_every_expert_with_lambda(tiny_zoo):
-    model = build_wemoe(*tiny_zoo, init_lambda=0.3)
+    model = build_wemoe(*tiny_zoo, scaling=0.3)
     out = model(torch.randn(2, 3, 32, 32), output_routing_weights=True)
     for routing in out.routing_weights:
         torch.testing.assert_close(routing, torch.full_like(routing, 0.3), atol=0.02, rtol=0)
@@ -190,7 +191,7 @@ def test_fresh_routers_route_every_expert_with_lambda(tiny_zoo):
 
 def test_non_mlp_weights_are_task_arithmetic_and_mlps_keep_pretrained(tiny_zoo):
     base, experts = tiny_zoo
-    model = build_wemoe(base, experts, init_lambda=0.25, moe_layers=[1])
+    model = build_wemoe(base, experts, scaling=0.25, moe_layers=[1])
     state, base_state = model.state_dict(), base.state_dict()
     for key, theta0 in base_state.items():
         expected_ta = theta0 + 0.25 * sum(e.state_dict()[key] - theta0 for e in experts.values())
@@ -209,7 +210,7 @@ def test_non_mlp_weights_are_task_arithmetic_and_mlps_keep_pretrained(tiny_zoo):
 
 def test_sparse_task_vectors_keep_top_magnitudes_and_are_stored_sparsely(tiny_zoo, tmp_path):
     base, experts = tiny_zoo
-    model = build_wemoe(base, experts, task_vector_sparsity=0.9, task_vector_dtype="bfloat16")
+    model = build_wemoe(base, experts, sparsity=0.9, task_vector_dtype="bfloat16")
     state = model.state_dict()
     indices = stored_positions(state, "encoder.layers.0.mlp.task_vectors.fc1_weight")
     values = state["encoder.layers.0.mlp.task_vectors.fc1_weight_values"]
@@ -242,7 +243,7 @@ def test_num_kept_entries_rounds_up_without_float_noise():
 @pytest.mark.parametrize("routing", [[0.0, 1.0, 0.0], "per-layer"])
 def test_collapse_matches_forced_routing(tiny_zoo, routing):
     base, experts = tiny_zoo
-    model = build_wemoe(base, experts, task_vector_sparsity=0.5)
+    model = build_wemoe(base, experts, sparsity=0.5)
     if routing == "per-layer":
         routing = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
     else:
@@ -327,7 +328,7 @@ def test_invalid_config_values_name_the_field():
     for field, value, allowed in [
         ("router_depth", 3, r"\(0, 1, 2\)"),
         ("routing", "token", "sample"),
-        ("task_vector_sparsity", 1.0, "0 <= s < 1"),
+        ("sparsity", 1.0, "0 <= s < 1"),
         ("task_vector_dtype", "int8", "bfloat16"),
         ("moe_layers", [12], "layer indices"),
     ]:
@@ -360,7 +361,8 @@ def test_save_pretrained_layout_and_auto_model(tiny_zoo, tmp_path):
     model = build_wemoe(*tiny_zoo, shared_router=True)
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_wemoe.py", "configuration_wemoe.py"} <= files
+    model_files = {"modeling_wemoe.py", "configuration_wemoe.py", "wemoe_ops.py"}
+    assert {"config.json", "model.safetensors", *model_files} <= files
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "wemoe_clip_vision_model"
     assert config["auto_map"] == {
@@ -374,7 +376,7 @@ def test_save_pretrained_layout_and_auto_model(tiny_zoo, tmp_path):
     assert not any(k.startswith("vision_model.") for k in keys)
     assert "encoder.router.hidden.weight" in keys and "encoder.layers.0.mlp.task_vectors.fc1_weight" in keys
     # The copied model files import nothing of the package.
-    for name in ("modeling_wemoe.py", "configuration_wemoe.py"):
+    for name in model_files:
         assert "hf_wemoe" not in (tmp_path / name).read_text()
     loaded = AutoModel.from_pretrained(tmp_path)
     assert isinstance(loaded, hf_wemoe.WEMoECLIPVisionModel)
@@ -384,7 +386,7 @@ def test_save_pretrained_layout_and_auto_model(tiny_zoo, tmp_path):
 
 def test_remote_code_loads_without_the_package(tiny_zoo, tmp_path):
     """In a fresh process where hf_wemoe cannot be imported, trust_remote_code gives bit-identical outputs."""
-    model = build_wemoe(*tiny_zoo, task_vector_sparsity=0.8)
+    model = build_wemoe(*tiny_zoo, sparsity=0.8)
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

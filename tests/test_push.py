@@ -25,7 +25,7 @@ from adaptation_fixtures import make_adaptation_world
 from hf_wemoe import WEMoECLIPModel, WEMoECLIPVisionModel
 from hf_wemoe.cli.main import main
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.hub.push import push_folder
+from hf_wemoe.hub.push import _check_code_files, push_folder
 from hub_server import RESULT_MARKER, HubServer, client_env, client_result, run_client
 from test_cards import adapt
 from test_full_clip import make_clip_world, merge, test_image
@@ -197,7 +197,7 @@ def test_push_with_the_client_defaults(world, tmp_path):
         )
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.strip().splitlines()
-        assert lines[-1] == f"{server.url}/testorg/defaults" and lines[0].startswith("pushed 12 files")
+        assert lines[-1] == f"{server.url}/testorg/defaults" and lines[0].startswith("pushed 13 files")
         assert repo_files(server, "testorg/defaults") == folder_files(world["full"]) | {".gitattributes"}
         weights = world["full"] / "model.safetensors"
         assert server.read_file("testorg/defaults", "model.safetensors") == weights.read_bytes()
@@ -353,6 +353,8 @@ def _break(folder: Path, how: str) -> Path:
         (folder / "model.safetensors").unlink()
     elif how == "no code":
         (folder / "modeling_wemoe.py").unlink()
+    elif how == "no kernels":
+        (folder / "wemoe_ops.py").unlink()
     elif how == "no tokenizer":
         (folder / "tokenizer_config.json").unlink()
     return folder
@@ -369,6 +371,8 @@ def _break(folder: Path, how: str) -> Path:
         ("vision", "bad config", "is not a valid wemoe_clip_vision_model config: routing must be one of"),
         ("vision", "no weights", "has no model weights"),
         ("vision", "no code", "lacks the model code file modeling_wemoe.py"),
+        ("vision", "no kernels", "lacks the model code file wemoe_ops.py"),
+        ("full", "no kernels", "lacks the model code file wemoe_ops.py"),
         ("full", "no tokenizer", "full CLIP model without a tokenizer"),
     ],
 )
@@ -379,6 +383,13 @@ def test_broken_folders_are_refused_before_any_request(world, hub_server, tmp_pa
         push(folder, "testorg/broken")
     assert message in str(error.value) and "\n" not in str(error.value)
     assert hub_server.requests == [] and not repo_exists(hub_server, "testorg/broken")
+
+
+def test_code_check_follows_the_files_own_imports():
+    """A folder saved before the kernels moved to wemoe_ops.py has no such file, and its model code needs none."""
+    folder = Path(__file__).parent / "fixtures" / "legacy_ewemoe"
+    assert not (folder / "wemoe_ops.py").exists()
+    _check_code_files(folder, json.loads((folder / "config.json").read_text()))
 
 
 def test_command_line(world, hub_server, tmp_path, capsys):
@@ -403,7 +414,7 @@ def test_merge_push_to_hub(world, hub_server, tmp_path, capsys):
     output = tmp_path / "wemoe-clip"
     assert main([*base, "--output", str(output), "--full-clip", "--push-to-hub", "testorg/merged"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("merged 2 experts") and out[1].startswith("pushed 12 files")
+    assert out[0].startswith("merged 2 experts") and out[1].startswith("pushed 13 files")
     assert repo_files(hub_server, "testorg/merged") == folder_files(output) | {".gitattributes"}
     card = ModelCard.load("testorg/merged")
     assert card.data.pipeline_tag == "zero-shot-image-classification" and "# testorg/merged" in card.text

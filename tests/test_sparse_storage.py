@@ -12,12 +12,8 @@ from transformers import AutoModel
 
 from hf_wemoe import WEMoECLIPVisionConfig, WEMoECLIPVisionModel, build_wemoe
 from hf_wemoe.io.weights import count_parameters
-from hf_wemoe.models.modeling_wemoe import (
-    WEMoETaskVectors,
-    decode_sparse_indices,
-    encode_sparse_indices,
-    num_kept_entries,
-)
+from hf_wemoe.models.modeling_wemoe import WEMoETaskVectors
+from hf_wemoe.models.wemoe_ops import decode_sparse_indices, encode_sparse_indices, num_kept_entries
 from tiny_models import make_base_and_experts, randomize_routers
 
 BLOCK = 65536
@@ -57,7 +53,7 @@ def _task_vectors(sparsity: float) -> WEMoETaskVectors:
         intermediate_size=700,
         num_attention_heads=4,
         expert_names=["a", "b"],
-        task_vector_sparsity=sparsity,
+        sparsity=sparsity,
     )
     return WEMoETaskVectors(config)
 
@@ -84,7 +80,7 @@ def test_set_then_dense_keeps_top_entries_in_every_block():
 
 def test_fresh_sparse_model_runs_as_the_pretrained_mlps():
     base, experts = make_base_and_experts(num_experts=2, seed=0, num_hidden_layers=1)
-    model = build_wemoe(base, experts, task_vector_sparsity=0.9)
+    model = build_wemoe(base, experts, sparsity=0.9)
     fresh = WEMoECLIPVisionModel(model.config)
     for name in ("fc1_weight", "fc2_bias"):
         assert not fresh.encoder.layers[0].mlp.task_vectors.dense(name).any()
@@ -95,7 +91,7 @@ def test_fresh_sparse_model_runs_as_the_pretrained_mlps():
 def multi_block_model():
     # fc1/fc2 weights of 32 x 2100 = 67200 entries: two blocks, block 0 with more than 32767 kept entries.
     base, experts = make_base_and_experts(num_experts=2, seed=0, num_hidden_layers=1, intermediate_size=2100)
-    model = build_wemoe(base, experts, task_vector_sparsity=0.3, shared_router=True)
+    model = build_wemoe(base, experts, sparsity=0.3, shared_router=True)
     randomize_routers(model)
     return model
 
@@ -165,6 +161,17 @@ def test_corrupted_positions_raise_a_clear_error(multi_block_model, tmp_path, co
     key = f"encoder.layers.0.mlp.task_vectors.{suffix}"
     corrupt(state, key)
     save_file(state, path, metadata={"format": "pt"})
-    loaded = AutoModel.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=rf"corrupted sparse task vectors: .*'{re.escape(key)}'"):
-        loaded(torch.randn(1, 3, 32, 32))
+    message = rf"corrupted sparse task vectors: .*'{re.escape(key)}'"
+    # Checked once, when the checkpoint loads (not in the forward).
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(tmp_path)
+    model = copy.deepcopy(multi_block_model)
+    with pytest.raises(ValueError, match=message):
+        model.load_state_dict(state)
+    # Stored tensors changed in place after loading are checked before they are first used.
+    model = copy.deepcopy(multi_block_model)
+    model(torch.randn(1, 3, 32, 32))
+    with torch.no_grad():
+        model.get_buffer(key).copy_(state[key])
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(1, 3, 32, 32))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from hf_wemoe.models.modeling_wemoe import is_router_parameter
+
 TINY_VISION = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -46,5 +48,5 @@ def randomize_routers(model: torch.nn.Module, seed: int = 1, scale: float = 0.5)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if ".router." in f".{name}":
+            if is_router_parameter(name):
                 parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))

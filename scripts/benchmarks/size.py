@@ -47,9 +47,9 @@ def checkpoint_bytes(shape: str, dtype: str, sparse: bool) -> dict[str, int]:
     (`*_indices`, `*_block_counts`); `rest`: the non-MLP weights, pretrained MLPs and routers (float32, the
     dtype of the base checkpoints). Sparse is E-WEMoE-90%: 90% sparsity and one shared router.
     """
-    options = dict(task_vector_sparsity=0.9, shared_router=True) if sparse else {}
+    options = dict(sparsity=0.9, shared_router=True) if sparse else {}
     config = wemoe_config(
-        base_config(shape), expert_names(), init_lambda=LAMBDA, task_vector_dtype=dtype, **options
+        base_config(shape), expert_names(), scaling=LAMBDA, task_vector_dtype=dtype, **options
     )
     with torch.device("meta"):
         model = WEMoECLIPVisionModel(config)

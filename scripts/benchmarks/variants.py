@@ -12,8 +12,8 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from benchmarks.settings import LAMBDA, NUM_EXPERTS, ROUTER_STD, SHAPES, TASK_VECTOR_STD
-from hf_wemoe import WEMoECLIPVisionModel
 from hf_wemoe.merging.wemoe import wemoe_config
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
 
 
 def base_config(shape: str) -> CLIPVisionConfig:
@@ -37,7 +37,7 @@ def expert_names() -> list[str]:
 
 def make_wemoe(shape: str, seed: int = 0, **options: Any) -> WEMoECLIPVisionModel:
     """A WEMoE model at `shape` with random weights: CLIP init, random task vectors and varied routers."""
-    config = wemoe_config(base_config(shape), expert_names(), init_lambda=LAMBDA, **options)
+    config = wemoe_config(base_config(shape), expert_names(), scaling=LAMBDA, **options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WEMoECLIPVisionModel(config)
@@ -62,12 +62,12 @@ def make_sparse_like(dense: WEMoECLIPVisionModel, sparsity: float = 0.9) -> WEMo
     config = wemoe_config(
         base_config_of(dense),
         expert_names(),
-        init_lambda=LAMBDA,
+        scaling=LAMBDA,
         shared_router=True,
-        task_vector_sparsity=sparsity,
+        sparsity=sparsity,
     )
     model = WEMoECLIPVisionModel(config)
-    state = {k: v for k, v in dense.state_dict().items() if ".task_vectors." not in k and ".router." not in k}
+    state = {k: v for k, v in dense.state_dict().items() if ".task_vectors." not in k and not is_router_parameter(k)}
     model.load_state_dict(state, strict=False)
     with torch.no_grad():
         for source, target in zip(dense.moe_layers, model.moe_layers):
@@ -81,18 +81,15 @@ def randomize_routers(model: nn.Module, seed: int) -> None:
     """Routers far enough from their initialisation that every sample gets its own routing weights."""
     generator = torch.Generator().manual_seed(seed)
     for name, parameter in model.named_parameters():
-        if ".router." in f".{name}":
+        if is_router_parameter(name):
             noise = ROUTER_STD * torch.randn(parameter.shape, generator=generator)
             parameter.copy_((LAMBDA if name.endswith("output.bias") else 0.0) + noise)
 
 
 def set_routing(model: WEMoECLIPVisionModel, mode: str) -> str:
-    """Route per sample ("sample") or per batch ("batch") from now on; the previous mode.
-
-    The only place that switches routing: the MLPs read the mode from the config they share with the model.
-    """
+    """Route per sample ("sample") or per batch ("batch") from now on; the previous mode."""
     previous = model.config.routing
-    model.config.routing = mode
+    model.set_routing(mode)
     return previous
 
 

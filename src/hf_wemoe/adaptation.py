@@ -1,7 +1,8 @@
 """Router adaptation: train only the WEMoE routers, by entropy minimisation on unlabelled data (or supervised).
 
 One step takes one batch from every task (tasks are all sampled every step) and sums the per-task losses. An
-`accelerate.Accelerator` drives devices, mixed precision, gradient accumulation, trackers and checkpointing.
+`accelerate.Accelerator` drives devices, mixed precision, gradient accumulation and trackers. Checkpoints are
+safetensors and JSON written here (not accelerate's pickle files), so resuming never unpickles anything.
 
 Data order is a pure function of (seed, task, position): each task's samples form an endless stream of seeded
 permutations, and the global batch of micro-step m is positions [m*B, (m+1)*B) of that stream. A checkpoint
@@ -12,6 +13,7 @@ batch (router gradients are averaged across processes).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -21,10 +23,13 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.models.configuration_wemoe import ROUTING_MODES
+from hf_wemoe.io.outputs import atomic_output_dir
+from hf_wemoe.io.state import decode_state, encode_state, read_json, read_tensors, write_tensors
+from hf_wemoe.models.configuration_wemoe import RoutingMode
+from hf_wemoe.models.modeling_wemoe import is_router_parameter
+from hf_wemoe.utils.progress import progress_bar
 from hf_wemoe.zeroshot.classifier import ClassificationTask, ZeroShotClassifier
 from hf_wemoe.zeroshot.data import collate_images
 
@@ -35,7 +40,7 @@ class TrainOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(1000, ge=1, description="optimizer steps")
-    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False, description="Adam learning rate")
     batch_size_per_task: int = Field(16, ge=1, description="global batch size per task and step")
     scheduler: Literal["constant", "cosine"] = Field("constant", description="learning-rate schedule")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -45,7 +50,7 @@ class TrainOptions(BaseModel):
         "entropy",
         description="loss: entropy of the predictions (unlabelled), or cross-entropy with the labels",
     )
-    routing: Literal[ROUTING_MODES] | None = Field(  # type: ignore[valid-type]
+    routing: RoutingMode | None = Field(
         None,
         description="routing mode while training and evaluating",
         json_schema_extra={"default_text": "the model's"},
@@ -78,21 +83,6 @@ def _stream_seed(seed: int, task_index: int, epoch: int) -> int:
     return (seed * 1_000_003 + task_index * 10_007 + epoch) % (2**63 - 1)
 
 
-class _RouterState:
-    """Router weights as a checkpointable object (`state_dict`/`load_state_dict`), so checkpoints stay small."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.parameters = dict((name, p) for name, p in model.named_parameters() if ".router." in f".{name}")
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().cpu().clone() for name, p in self.parameters.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, p in self.parameters.items():
-                p.copy_(state[name])
-
-
 class _ProgressState:
     """The step counters: all a checkpoint needs to continue the data order exactly."""
 
@@ -100,11 +90,113 @@ class _ProgressState:
         self.step = 0
         self.micro_step = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "micro_step": self.micro_step}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors and JSON only, so resuming never unpickles anything (a pickle can run code).
+
+CHECKPOINT_STATE_NAME = "trainer_state.json"
+CHECKPOINT_ROUTERS_NAME = "routers.safetensors"
+CHECKPOINT_TENSORS_NAME = "optimizer.safetensors"
+_CHECKPOINT_FORMAT = "hf_wemoe.router_checkpoint.v1"
+
+
+def _router_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if is_router_parameter(name)}
+
+
+def _data_order(tasks: Sequence[ClassificationTask], options: TrainOptions) -> dict:
+    """What the data order of a run depends on: a resumed run continues it exactly only if these are equal."""
+    return {
+        "seed": options.seed,
+        "batch_size_per_task": options.batch_size_per_task,
+        "gradient_accumulation_steps": options.gradient_accumulation_steps,
+        "tasks": {task.name: len(task.dataset) for task in tasks},
+    }
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    progress: _ProgressState,
+    data_order: dict,
+) -> None:
+    """Write a training checkpoint (router weights, optimizer, scheduler and grad-scaler state, counters, data
+    order) atomically: the folder appears complete or not at all."""
+    tensors: dict[str, torch.Tensor] = {}
+    state = {
+        "format": _CHECKPOINT_FORMAT,
+        "step": progress.step,
+        "micro_step": progress.micro_step,
+        "data_order": data_order,
+        "optimizer": encode_state(optimizer.state_dict(), tensors, "optimizer"),
+        "scheduler": encode_state(scheduler.state_dict(), tensors, "scheduler"),
+        "grad_scaler": encode_state(scaler.state_dict(), tensors, "grad_scaler") if scaler is not None else None,
+    }
+    routers = {name: p.detach().cpu() for name, p in _router_parameters(model).items()}
+    with atomic_output_dir(folder, overwrite=True) as staging:
+        write_tensors(staging / CHECKPOINT_ROUTERS_NAME, routers)
+        write_tensors(staging / CHECKPOINT_TENSORS_NAME, tensors)
+        (staging / CHECKPOINT_STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")
+
+
+def load_checkpoint(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    progress: _ProgressState,
+    data_order: dict,
+) -> None:
+    """Restore what `save_checkpoint` wrote, reading only safetensors and JSON (other files are ignored).
+
+    Raises `WEMoEError` for a folder that is not such a checkpoint, one written for other routers, or one whose
+    data order (seed, batch size, tasks) differs from this run's, which could not continue exactly.
+    """
+    folder = Path(folder)
+    state_path = folder / CHECKPOINT_STATE_NAME
+    if not state_path.is_file():
+        pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".pkl", ".bin")) if folder.is_dir() else []
+        if pickled:
+            raise WEMoEError(
+                f"{folder} holds pickle files ({pickled[0]}, ...) but no {CHECKPOINT_STATE_NAME}: it was written by "
+                "an earlier version or another tool, and pickle files are never loaded (they can run code); start "
+                "the training again without --resume-from"
+            )
+        raise WEMoEError(f"{folder} is not a training checkpoint (written by --save-every)")
+    state = read_json(state_path)
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+        raise WEMoEError(f"{state_path} is not a router-training checkpoint of this version of hf-wemoe")
+    if state.get("data_order") != data_order:
+        raise WEMoEError(
+            f"{folder} was written by a run with data order {state.get('data_order')}, this run has {data_order}; "
+            "resume with the same --seed, --batch-size-per-task, --gradient-accumulation-steps and tasks"
+        )
+    routers = read_tensors(folder / CHECKPOINT_ROUTERS_NAME)
+    parameters = _router_parameters(model)
+    for name, parameter in parameters.items():
+        stored = routers.get(name)
+        if stored is None or stored.shape != parameter.shape:
+            raise WEMoEError(
+                f"{folder} holds no router weight '{name}' of shape {tuple(parameter.shape)}: it was written for "
+                "another model"
+            )
+    try:
+        tensors = read_tensors(folder / CHECKPOINT_TENSORS_NAME)
+        step, micro_step = int(state["step"]), int(state["micro_step"])
+        optimizer.load_state_dict(decode_state(state["optimizer"], tensors))
+        scheduler.load_state_dict(decode_state(state["scheduler"], tensors))
+        if scaler is not None and state.get("grad_scaler") is not None:
+            scaler.load_state_dict(decode_state(state["grad_scaler"], tensors))
+    except (KeyError, TypeError, ValueError) as err:
+        raise WEMoEError(f"{folder} is a damaged training checkpoint: {' '.join(str(err).split())}") from err
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(routers[name])
+    progress.step, progress.micro_step = step, micro_step
 
 
 def launched_on_cpu_only() -> bool:
@@ -134,10 +226,13 @@ def adapt_routers(
     resume_from: str | Path | None = None,
     report_to: str | Sequence[str] | None = None,
     run_config: dict | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Train the routers of `classifier.vision_model` in place; returns a summary (steps, final loss, time).
+
+    `progress` reports steps, loss and images per second on the main process (a bar on a terminal, log lines
+    elsewhere; None follows the package's progress policy, False shows nothing).
 
     Raises `WEMoEError` for a model without routers, unlabelled data with the supervised objective, or a
     non-finite loss.
@@ -172,29 +267,31 @@ def adapt_routers(
     set_seed(options.seed)
     vision = classifier.vision_model
     if options.routing is not None:
-        vision.config.routing = options.routing
+        vision.set_routing(options.routing)
     classifier.to(accelerator.device)
+    classifier.check_runs()
     heads = {task.name: task.head.to(accelerator.device) for task in tasks}
     routers = vision.router_parameters()
     optimizer = torch.optim.Adam(routers, lr=options.lr)
     scheduler = _make_scheduler(optimizer, options)
     optimizer = accelerator.prepare_optimizer(optimizer)
-    router_state, progress_state = _RouterState(vision), _ProgressState()
-    accelerator.register_for_checkpointing(scheduler, router_state, progress_state)
+    progress_state = _ProgressState()
+    data_order = _data_order(tasks, options)
     if resume_from is not None:
-        if not Path(resume_from, "custom_checkpoint_0.pkl").is_file():
-            raise WEMoEError(f"{resume_from} is not a training checkpoint (written by --save-every)")
-        accelerator.load_state(str(resume_from))
+        load_checkpoint(
+            resume_from, vision, optimizer, scheduler, accelerator.scaler, progress_state, data_order
+        )
     if report_to:
         accelerator.init_trackers("hf-wemoe", config=run_config or options.model_dump())
 
     local_batch = options.batch_size_per_task // world
     start_time, images, last_loss = time.perf_counter(), 0, float("nan")
-    bar = tqdm(
-        total=options.steps,
+    bar = progress_bar(
+        options.steps,
+        "adapting routers",
+        unit="step",
+        show=progress if accelerator.is_local_main_process else False,
         initial=progress_state.step,
-        desc="adapting routers",
-        disable=not (progress and accelerator.is_local_main_process),
     )
     classifier.train()
     while progress_state.step < options.steps:
@@ -239,12 +336,21 @@ def adapt_routers(
         if on_step is not None:
             on_step(progress_state.step, last_loss)
         rate = images / max(time.perf_counter() - start_time, 1e-9)
-        bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
-        bar.update(1)
+        bar.update(1, loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
         if report_to and progress_state.step % options.log_every == 0:
             accelerator.log({"loss": last_loss, "lr": scheduler.get_last_lr()[0]}, step=progress_state.step)
         if checkpoint_dir and options.save_every and progress_state.step % options.save_every == 0:
-            accelerator.save_state(str(Path(checkpoint_dir) / f"step-{progress_state.step}"))
+            if accelerator.is_main_process:  # every process holds the same routers and optimizer state
+                save_checkpoint(
+                    Path(checkpoint_dir) / f"step-{progress_state.step}",
+                    vision,
+                    optimizer,
+                    scheduler,
+                    accelerator.scaler,
+                    progress_state,
+                    data_order,
+                )
+            accelerator.wait_for_everyone()
     bar.close()
     classifier.eval()
     if report_to:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from hf_wemoe.metrics import load_accuracy
+from hf_wemoe.utils.progress import progress as report_progress
 from hf_wemoe.zeroshot.classifier import ClassificationTask, ZeroShotClassifier
 from hf_wemoe.zeroshot.data import make_dataloader
+from hf_wemoe.zeroshot.heads import ZeroShotHead
 
 
 @dataclass
@@ -42,31 +43,60 @@ def evaluate_tasks(
     tasks: Sequence[ClassificationTask],
     batch_size: int = 128,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> EvalResult:
-    """Accuracy of `classifier` on every task's labelled split, computed with the package's `accuracy` metric."""
+    """Accuracy of `classifier` on every task's labelled split, computed with the package's `accuracy` metric.
+
+    `progress`: None follows the package's progress policy (`hf_wemoe.utils.progress`), False shows nothing.
+    """
     device = torch.device(device) if device is not None else next(classifier.parameters()).device
-    classifier.eval()
     result = EvalResult(accuracy={})
     for task in tasks:
-        metric = load_accuracy()
-        head = task.head.to(device)
-        routing_sum, count = None, 0
         loader = make_dataloader(task.dataset, batch_size)
-        for batch in tqdm(loader, desc=f"eval {task.name}", disable=not progress, leave=False):
-            logits, routing = classifier(
-                batch["pixel_values"].to(device), head, output_routing_weights=classifier.is_wemoe
-            )
-            metric.add_batch(predictions=logits.argmax(dim=-1).cpu(), references=batch["labels"])
-            if routing:
-                summed = torch.stack([r.float().sum(dim=0) for r in routing]).cpu()
-                routing_sum = summed if routing_sum is None else routing_sum + summed
-            count += len(batch["pixel_values"])
-        result.accuracy[task.name] = 100.0 * metric.compute()["accuracy"]
+        batches = report_progress(loader, f"eval {task.name}", unit="batch", show=progress)
+        accuracy, routing, count = _evaluate(classifier, task.head, batches, device, classifier.is_wemoe)
+        result.accuracy[task.name] = 100.0 * accuracy
         result.num_examples[task.name] = count
-        if routing_sum is not None:
-            result.routing[task.name] = routing_sum / count
+        if routing is not None:
+            result.routing[task.name] = routing
     return result
+
+
+@torch.no_grad()
+def task_accuracy(
+    classifier: ZeroShotClassifier,
+    head: ZeroShotHead,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    device: str | torch.device | None = None,
+) -> float:
+    """Top-1 accuracy (a fraction) of `classifier` with `head` over labelled batches (`pixel_values`, `labels`),
+    computed with the package's `accuracy` metric: the one measurement behind `evaluate_tasks` and the toy world's
+    table."""
+    device = torch.device(device) if device is not None else next(classifier.parameters()).device
+    return _evaluate(classifier, head, batches, device, with_routing=False)[0]
+
+
+def _evaluate(
+    classifier: ZeroShotClassifier,
+    head: ZeroShotHead,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    device: torch.device,
+    with_routing: bool,
+) -> tuple[float, torch.Tensor | None, int]:
+    """(accuracy fraction, mean routing weights per MoE layer or None, number of examples) over `batches`."""
+    classifier.eval()
+    metric = load_accuracy()
+    head = head.to(device)
+    routing_sum, count = None, 0
+    for batch in batches:
+        logits, routing = classifier(batch["pixel_values"].to(device), head, output_routing_weights=with_routing)
+        metric.add_batch(predictions=logits.argmax(dim=-1).cpu(), references=batch["labels"])
+        if routing:
+            summed = torch.stack([r.float().sum(dim=0) for r in routing]).cpu()
+            routing_sum = summed if routing_sum is None else routing_sum + summed
+        count += len(batch["pixel_values"])
+    accuracy = metric.compute()["accuracy"]
+    return accuracy, (routing_sum / count if routing_sum is not None else None), count
 
 
 def markdown_table(rows: Sequence[tuple[str, dict[str, float]]], tasks: Sequence[str]) -> str:
@@ -82,8 +112,11 @@ def markdown_table(rows: Sequence[tuple[str, dict[str, float]]], tasks: Sequence
     return "\n".join(lines)
 
 
-def write_results(path: str | Path, payload: dict) -> None:
-    """Write JSON results (creating the parent folder)."""
+def write_results(path: str | Path, payload: dict | list, markdown: str | None = None) -> None:
+    """Write results as JSON to `path` (creating the parent folder) and, when given, their markdown table beside
+    it (`path` with the suffix `.md`): what `eval`, `train` and the experiments write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+    if markdown is not None:
+        path.with_suffix(".md").write_text(markdown.rstrip("\n") + "\n")

@@ -72,30 +72,19 @@ def run(args: argparse.Namespace) -> int:
     from hf_wemoe.toy.build import get_toy_zoo
     from hf_wemoe.workflows.experiment import (
         ExperimentOptions,
-        Suite,
-        SuiteTask,
         results_markdown,
         run_experiment,
-        write_results,
+        save_results,
     )
-    from hf_wemoe.zeroshot.templates import register_templates
+    from hf_wemoe.workflows.suites import toy_suite
 
     (options,) = resolve_options(args, DemoOptions)
+    progress = False if args.quiet else None
     start = time.perf_counter()
     print(f"toy zoo ({options.preset} preset, seed {options.seed}): building or reusing ...", flush=True)
-    zoo = get_toy_zoo(options.preset, seed=options.seed, output_dir=options.zoo, progress=not args.quiet)
+    zoo = get_toy_zoo(options.preset, seed=options.seed, output_dir=options.zoo, progress=progress)
     print(f"toy zoo at {zoo.root}: {len(zoo.tasks)} tasks ({', '.join(zoo.tasks)})", flush=True)
-    for task in zoo.tasks:
-        register_templates(task, zoo.templates[task], overwrite=True)
-    split = "test" if options.max_test_images is None else f"test[:{options.max_test_images}]"
-    suite = Suite(
-        name=f"toy zoo ({zoo.preset})",
-        base=str(zoo.base_path),
-        tasks=[
-            SuiteTask(t, str(zoo.expert_path(t)), f"{zoo.dataset_path(t)}#{split}", templates=t)
-            for t in zoo.tasks
-        ],
-    )
+    suite = toy_suite(zoo, max_test_images=options.max_test_images)
     experiment = ExperimentOptions(
         train=TrainOptions(
             steps=options.steps,
@@ -103,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size_per_task=options.batch_size_per_task,
             seed=options.seed,
         ),
-        progress=not args.quiet,
+        progress=progress,
     )
     with tempfile.TemporaryDirectory(prefix="hf-wemoe-demo-") as scratch:
         rows = run_experiment(suite, options.workdir or scratch, experiment)
@@ -116,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         "test splits."
     )
     if options.output is not None:
-        write_results(rows, suite.task_names, options.output, preamble=note)
+        save_results(rows, suite.task_names, options.output, preamble=note)
         print(f"\nresults written to {options.output}/results.md and results.json")
     print(f"done in {time.perf_counter() - start:.0f}s")
     return 0

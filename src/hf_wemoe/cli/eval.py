@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     (config,) = resolve_options(args, EvalConfig)
-    result = run_eval(config, progress=not args.quiet)
+    result = run_eval(config, progress=False if args.quiet else None)
     print(format_results(result, config.model))
     print(f"results written to {config.output_json}")
     return 0

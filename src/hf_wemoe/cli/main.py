@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from hf_wemoe.cli.commands import COMMANDS
 from hf_wemoe.cli.options import OptionParser, UsageError, add_logging_options
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.utils.progress import set_verbosity
+from hf_wemoe.utils.progress import quiet_libraries, set_verbosity
 from hf_wemoe.version import __version__
 
 DESCRIPTION = """\
@@ -72,18 +72,6 @@ def command_name(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _quiet_libraries() -> None:
-    """Keep the libraries' per-load progress bars and advisory warnings out of the command's output."""
-    # Imported here, not at the top: only a command that runs needs them, not --help.
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
-
-
 @contextlib.contextmanager
 def _one_line_warnings() -> Iterator[None]:
     """Show `FutureWarning`s (deprecated option names) as one `warning: ...` line on stderr."""
@@ -115,9 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if not args.verbose:
-            _quiet_libraries()
-        with _one_line_warnings():
+        # Third-party output follows the package's progress policy while the command runs.
+        with quiet_libraries(show_progress=None), _one_line_warnings():
             return int(args._run(args) or 0)
     except WEMoEError as err:
         print(f"error: {err}", file=sys.stderr)

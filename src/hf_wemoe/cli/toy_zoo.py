@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         preset=options.preset,
         seed=options.seed,
         output_dir=options.output,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=False if args.quiet else None,
         force=options.force,
         workers=options.workers,
     )

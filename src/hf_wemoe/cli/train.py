@@ -57,7 +57,7 @@ def train(
 
 def run(args: argparse.Namespace) -> int:
     config, hub = resolve_options(args, TrainConfig, PushToHubOptions)
-    summary, pushed = train(config, hub, progress=not args.quiet)
+    summary, pushed = train(config, hub, progress=False if args.quiet else None)
     if not summary.is_main_process:
         return 0
     print(summary.line())

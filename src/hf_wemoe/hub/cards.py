@@ -19,8 +19,19 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import markdown_table
+from hf_wemoe.io.layout import (
+    CARD_NAME,
+    CONFIG_NAME,
+    EVAL_RESULTS_NAME,
+    MERGE_CONFIG_NAME,
+    PREPROCESSOR_NAME,
+    ROUTING_PLOT_NAME,
+    TOKENIZER_FILES,
+)
 from hf_wemoe.io.weights import count_parameters, weight_files
 from hf_wemoe.merging.registry import get_method
+from hf_wemoe.models.configuration_wemoe import DEPRECATED_FIELD_NAMES
+from hf_wemoe.utils.formatting import format_size, one_line
 
 
 def _template_dir() -> Path:
@@ -38,11 +49,6 @@ TEMPLATE_DIR = _template_dir()
 HUB_URL = "https://huggingface.co"
 PROJECT_URL = "https://github.com/hf-wemoe/hf-wemoe"
 
-CARD_NAME = "README.md"
-EVAL_RESULTS_NAME = "eval_results.json"
-ROUTING_PLOT_NAME = "routing.png"
-MERGE_CONFIG_NAME = "merge_config.yaml"
-
 # model_type in config.json -> (is WEMoE, is a full CLIP model with a text tower).
 MODEL_KINDS = {
     "wemoe_clip_vision_model": (True, False),
@@ -50,7 +56,6 @@ MODEL_KINDS = {
     "clip_vision_model": (False, False),
     "clip": (False, True),
 }
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json")
 # The reference of a source that a model built in Python did not record.
 NOT_RECORDED = "not recorded"
 
@@ -92,7 +97,7 @@ def validate_card(text: str) -> ModelCard:
     try:
         card = ModelCard(text)
     except Exception as err:  # noqa: BLE001 -- YAML and metadata errors of many kinds
-        raise WEMoEError(f"invalid model card metadata: {' '.join(str(err).split())}") from err
+        raise WEMoEError(f"invalid model card metadata: {one_line(err)}") from err
     return card
 
 
@@ -118,7 +123,7 @@ def model_card(
         WEMoEError: the folder has no readable config.json, or the card does not validate.
     """
     folder = Path(folder)
-    config = _read_json(folder / "config.json", "config.json")
+    config = _read_json(folder / CONFIG_NAME, CONFIG_NAME)
     model_type = config.get("model_type")
     if model_type not in MODEL_KINDS:
         raise WEMoEError(
@@ -185,11 +190,11 @@ def model_card(
         "recipe_yaml": recipe_yaml,
         "wemoe": _wemoe_fields(vision_config) if is_wemoe else {},
         "parameters": {key: f"{value:,}" for key, value in parameters.items()},
-        "weights_size": _format_size(weights_bytes),
-        "has_preprocessor": (folder / "preprocessor_config.json").is_file(),
+        "weights_size": format_size(weights_bytes),
+        "has_preprocessor": (folder / PREPROCESSOR_NAME).is_file(),
         "has_tokenizer": any((folder / name).is_file() for name in TOKENIZER_FILES),
         "processor_ref": model_id
-        if (folder / "preprocessor_config.json").is_file()
+        if (folder / PREPROCESSOR_NAME).is_file()
         else (base["repo_id"] or base["ref"]),
         "adaptation": adaptation,
         "results": results,
@@ -282,13 +287,13 @@ def _recipe(
             "written by hf-wemoe merge or train get a generated card"
         )
     refs = vision_config.get("expert_refs") or [NOT_RECORDED] * len(names)
-    sparsity = float(vision_config.get("task_vector_sparsity") or 0.0)
+    sparsity = float(_field(vision_config, "sparsity") or 0.0)
     shared = bool(vision_config.get("shared_router"))
     recipe = {
         "base": vision_config.get("base_model_ref") or NOT_RECORDED,
         "experts": dict(zip(names, refs)),
         "method": "e-wemoe" if shared and sparsity > 0 else "wemoe",
-        "scaling": vision_config.get("init_lambda", 0.3),
+        "scaling": _field(vision_config, "scaling", 0.3),
         "router_depth": vision_config.get("router_depth", 2),
         "sparsity": sparsity,
         "shared_router": shared,
@@ -309,16 +314,25 @@ def _in_routing_order(experts: dict[str, str], names: list[str]) -> dict[str, st
     return {name: experts[name] for name in names}
 
 
+def _field(config: dict[str, Any], name: str, default: Any = None) -> Any:
+    """A WEMoE field of a config.json dict; configs saved before a field was renamed hold its old name."""
+    if name in config:
+        return config[name]
+    old = next((old for old, new in DEPRECATED_FIELD_NAMES.items() if new == name), None)
+    return config.get(old, default) if old else default
+
+
 def _wemoe_fields(config: dict[str, Any]) -> dict[str, Any]:
     """The WEMoE options as the card states them."""
     num_layers = int(config.get("num_hidden_layers") or 0)
     moe_layers = config.get("moe_layers")
+    sparsity = float(_field(config, "sparsity") or 0.0)
     return {
-        "scaling": config.get("init_lambda"),
+        "scaling": _field(config, "scaling"),
         "router_depth": config.get("router_depth"),
         "shared_router": bool(config.get("shared_router")),
-        "sparsity": float(config.get("task_vector_sparsity") or 0.0),
-        "kept_percent": f"{100 * (1 - float(config.get('task_vector_sparsity') or 0.0)):.3g}",
+        "sparsity": sparsity,
+        "kept_percent": f"{100 * (1 - sparsity):.3g}",
         "routing": config.get("routing", "sample"),
         "dtype": config.get("task_vector_dtype", "float32"),
         "moe_layers": "all" if moe_layers is None else ", ".join(str(i) for i in moe_layers),
@@ -440,11 +454,12 @@ def _results(folder: Path, adaptation: dict[str, Any] | None) -> dict[str, Any] 
     }
 
 
-def _format_size(size: int) -> str:
-    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
-
-
 __all__ = [
     "TEMPLATE_DIR",
     "local_source_paths",
-    "merge_card", "model_card", "render_card", "validate_card", "write_card"]
+    "merge_card",
+    "model_card",
+    "render_card",
+    "validate_card",
+    "write_card",
+]

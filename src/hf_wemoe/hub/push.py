@@ -7,9 +7,10 @@ card is rendered for the repo id. Then the repo is created when missing and the 
 `HfApi.upload_folder` commit, which also deletes files of an earlier push that the folder no longer has: the
 repo shows either the previous commit or the new one, never a mix.
 
-Transient failures (HTTP 408/429/5xx, connection errors) are retried with exponential backoff on the calls
-huggingface_hub does not retry itself; other failures are reported as one line. A repo created by a push that then
-fails is deleted again.
+Only regular files inside the folder are sent (a symbolic link out of it is refused), and only finite weights.
+Every request has a timeout (`hf_wemoe.io.hub`); transient failures (HTTP 408/429/5xx, connection errors) are
+retried a bounded number of times with exponential backoff on the calls huggingface_hub does not retry itself; other
+failures are reported as one line. A repo created by a push that then fails is deleted again.
 """
 
 from __future__ import annotations
@@ -21,28 +22,29 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.utils.formatting import format_size
+from hf_wemoe.io.hub import hub_timeout, hub_unreachable, install_timeouts, is_transient, with_retries
+from hf_wemoe.io.layout import CARD_NAME, CONFIG_NAME, PREPROCESSOR_NAME, TOKENIZER_CONFIG_NAME
+from hf_wemoe.io.outputs import make_staging_dir, remove_stale_staging
+from hf_wemoe.utils.formatting import first_line, format_size, one_line
+from hf_wemoe.utils.progress import log_stage, progress_enabled, quiet_libraries
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CONFIG_NAME = "config.json"
-CARD_NAME = "README.md"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 # Never uploaded: hidden files, caches, leftovers of interrupted writes.
 IGNORE_PATTERNS = [".*", "*/.*", "__pycache__/*", "*/__pycache__/*", "*.pyc", "*.tmp-*", "*.partial"]
-# Status codes worth retrying: timeout, rate limit, server errors.
-TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+# Temporary upload folders: `<tmp>/hf-wemoe-push-<host>-<pid>-XXXX`.
+STAGING_STEM = "hf-wemoe-push"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# `from .name import ...` in a model code file: a sibling file that trust_remote_code also loads.
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\b", re.MULTILINE)
 
 
 @dataclass
@@ -117,7 +119,8 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
     """Load the model in `folder` once and run it, or raise `WEMoEError` saying what is broken.
 
     Checks: config.json names a WEMoE or CLIP model; its weights load with no missing, unexpected or misshapen
-    tensor; one forward pass runs; WEMoE folders carry the code files their `auto_map` names; full CLIP models
+    tensor, each of the model's kind of dtype and with finite values; one forward pass runs; no file is a symbolic
+    link out of the folder; WEMoE folders carry the code files their `auto_map` names; full CLIP models
     have a tokenizer and an image processor. A vision tower without `preprocessor_config.json` is accepted with a
     warning (pipelines need it).
     """
@@ -135,9 +138,9 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
     except (OSError, ValueError) as err:
-        raise WEMoEError(f"'{folder}/{CONFIG_NAME}' is not valid JSON: {_one_line(err)}") from err
+        raise WEMoEError(f"'{folder}/{CONFIG_NAME}' is not valid JSON: {one_line(err)}") from err
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    classes = _model_classes()
+    classes = model_classes()
     if model_type not in classes:
         raise WEMoEError(
             f"'{folder}' holds a {model_type!r} model; hf-wemoe push uploads WEMoE models and CLIP (vision) models "
@@ -157,7 +160,7 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
         config_object = model_class.config_class.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 -- invalid fields of any kind
         raise WEMoEError(
-            f"'{folder}/{CONFIG_NAME}' is not a valid {model_type} config: {_one_line(err)}"
+            f"'{folder}/{CONFIG_NAME}' is not a valid {model_type} config: {one_line(err)}"
         ) from err
     # The weights are checked against the model's own tensors first (a model on the meta device costs nothing):
     # transformers would fill missing ones with random values and only warn.
@@ -165,10 +168,10 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
         skeleton = model_class(config_object)
     _check_weights(path, skeleton)
     try:
-        with _quiet_transformers():
-            model = model_class.from_pretrained(path)
+        with quiet_libraries():
+            model = model_class.from_pretrained(path, use_safetensors=True)  # never a pickle file
     except Exception as err:  # noqa: BLE001 -- any load failure means the folder is broken
-        raise WEMoEError(f"'{folder}' does not load as a {model_class.__name__}: {_one_line(err)}") from err
+        raise WEMoEError(f"'{folder}' does not load as a {model_class.__name__}: {one_line(err)}") from err
     if full_clip:
         tokenizer, processor = _load_processors(path)
     else:
@@ -182,24 +185,26 @@ def validate_model_folder(folder: str | Path) -> ModelFolder:
         with torch.no_grad():
             _dummy_forward(model, tokenizer, processor)
     except Exception as err:  # noqa: BLE001
-        raise WEMoEError(f"the model in '{folder}' loads but does not run: {_one_line(err)}") from err
+        raise WEMoEError(f"the model in '{folder}' loads but does not run: {one_line(err)}") from err
     info.files = _files_to_upload(path)
     return info
 
 
-def _model_classes() -> dict[str, tuple[Any, bool, bool]]:
-    """config.json model_type -> (model class, is WEMoE, is a full CLIP model)."""
+def model_classes() -> dict[str, tuple[Any, bool, bool]]:
+    """config.json model_type -> (model class, is WEMoE, is a full CLIP model), for the kinds of `MODEL_KINDS`."""
     from transformers import CLIPModel, CLIPVisionModel
 
+    from hf_wemoe.hub.cards import MODEL_KINDS
     from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
     from hf_wemoe.models.modeling_wemoe_clip import WEMoECLIPModel
 
-    return {
-        "wemoe_clip_vision_model": (WEMoECLIPVisionModel, True, False),
-        "wemoe_clip": (WEMoECLIPModel, True, True),
-        "clip_vision_model": (CLIPVisionModel, False, False),
-        "clip": (CLIPModel, False, True),
+    classes = {
+        "wemoe_clip_vision_model": WEMoECLIPVisionModel,
+        "wemoe_clip": WEMoECLIPModel,
+        "clip_vision_model": CLIPVisionModel,
+        "clip": CLIPModel,
     }
+    return {model_type: (classes[model_type], *kind) for model_type, kind in MODEL_KINDS.items()}
 
 
 def _check_code_files(path: Path, config: dict[str, Any]) -> None:
@@ -211,13 +216,27 @@ def _check_code_files(path: Path, config: dict[str, Any]) -> None:
             "load it; re-save the model with save_pretrained"
         )
     modules = {str(entry).rsplit(".", 1)[0] for entry in auto_map.values() if isinstance(entry, str)}
-    needed = sorted(modules | {"configuration_wemoe", "modeling_wemoe"})
-    missing = [f"{name}.py" for name in needed if not (path / f"{name}.py").is_file()]
+    needed = _with_sibling_imports(path, modules | {"configuration_wemoe", "modeling_wemoe"})
+    missing = [f"{name}.py" for name in sorted(needed) if not (path / f"{name}.py").is_file()]
     if missing:
         raise WEMoEError(
             f"'{path}' lacks the model code file {missing[0]} that trust_remote_code loads; re-save the model "
             "with save_pretrained"
         )
+
+
+def _with_sibling_imports(path: Path, modules: set[str]) -> set[str]:
+    """`modules` and every module they import relatively (`from .name import ...`), read from the folder's files."""
+    needed, pending = set(modules), list(modules)
+    while pending:
+        file = path / f"{pending.pop()}.py"
+        if not file.is_file():
+            continue
+        for name in _RELATIVE_IMPORT.findall(file.read_text(encoding="utf-8")):
+            if name not in needed:
+                needed.add(name)
+                pending.append(name)
+    return needed
 
 
 def _check_weights(path: Path, model: Any) -> None:
@@ -227,7 +246,7 @@ def _check_weights(path: Path, model: Any) -> None:
     try:
         stored = {key: shape for key, (shape, _) in tensor_shapes(path).items()}
     except Exception as err:  # noqa: BLE001 -- unreadable or corrupt safetensors files
-        raise WEMoEError(f"the weights in '{path}' cannot be read: {_one_line(err)}") from err
+        raise WEMoEError(f"the weights in '{path}' cannot be read: {one_line(err)}") from err
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     missing = [key for key in expected if key not in stored]
     unexpected = [key for key in stored if key not in expected]
@@ -248,6 +267,34 @@ def _check_weights(path: Path, model: Any) -> None:
             f"'{path}' weight '{key}' has shape {tuple(stored[key])}, the model expects {expected[key]}; its "
             "config.json does not match its weights"
         )
+    _check_values(path, model)
+
+
+def _check_values(path: Path, model: Any) -> None:
+    """Every weight has the model's kind of dtype (a float stored as integers would load as garbage) and finite
+    values (a NaN model would be published); tensors are read one at a time."""
+    # Imported here like this module's other torch-side imports: checking a repo id or token needs none of them.
+    from safetensors import safe_open
+
+    from hf_wemoe.io.weights import check_finite, weight_files
+
+    floating = {key: value.dtype.is_floating_point for key, value in model.state_dict().items()}
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                stored = handle.get_slice(key).get_dtype()
+                if floating.get(key, True) != _is_float_dtype(stored):
+                    kind = "a floating-point" if floating.get(key, True) else "an integer"
+                    raise WEMoEError(
+                        f"'{path}' weight '{key}' is stored as {stored}, the model expects {kind} tensor; the "
+                        "weights are damaged or were not written for this model"
+                    )
+                if floating.get(key, True):
+                    check_finite(handle.get_tensor(key), f"'{path}' weight '{key}'")
+
+
+def _is_float_dtype(safetensors_dtype: str) -> bool:
+    return safetensors_dtype.startswith("F") or safetensors_dtype == "BF16"
 
 
 def _load_processors(path: Path) -> tuple[Any, Any]:
@@ -265,11 +312,11 @@ def _load_processors(path: Path) -> tuple[Any, Any]:
             "base model's image processor into the folder"
         )
     try:
-        with _quiet_transformers():
+        with quiet_libraries():
             return AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
     except Exception as err:  # noqa: BLE001
         raise WEMoEError(
-            f"the tokenizer or image processor in '{path}' does not load: {_one_line(err)}"
+            f"the tokenizer or image processor in '{path}' does not load: {one_line(err)}"
         ) from err
 
 
@@ -290,10 +337,21 @@ def _dummy_forward(model: Any, tokenizer: Any, processor: Any) -> None:
 
 
 def _files_to_upload(path: Path) -> list[str]:
+    """The files to push; a symbolic link that leads out of the folder is refused (it could publish a token or
+    any other file of the machine)."""
     from huggingface_hub.utils import filter_repo_objects
 
     names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-    return list(filter_repo_objects(names, ignore_patterns=IGNORE_PATTERNS))
+    names = list(filter_repo_objects(names, ignore_patterns=IGNORE_PATTERNS))
+    root = path.resolve()
+    for name in names:
+        target = (path / name).resolve()
+        if not target.is_relative_to(root):
+            raise WEMoEError(
+                f"'{path / name}' is a symbolic link to '{target}', outside the folder; hf-wemoe push never "
+                "uploads files from outside the model folder: remove the link, or replace it with a copy of the file"
+            )
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,14 +383,13 @@ def push_folder(
         keep_card: upload the folder's README.md as it is instead of rendering the card for `repo_id`.
         max_attempts, backoff: tries per Hub call on transient errors, and the first wait in seconds (doubled each
             try, at most 30 s).
-        show_progress: huggingface_hub's upload progress bars; by default only on a terminal.
+        show_progress: report the upload (huggingface_hub's bars on a terminal, a log line elsewhere); by default
+            unless `--quiet` or `HF_HUB_DISABLE_PROGRESS_BARS` (see `hf_wemoe.utils.progress`).
 
     Raises:
         WEMoEError: malformed repo id, no token, a broken model folder, or a Hub error (one line). Nothing is
             committed then, and a repo this push created is deleted again.
     """
-    import sys
-
     repo_id = check_repo_id(repo_id)
     token = check_token(token)
     if branch is not None and not str(branch).strip():
@@ -340,13 +397,14 @@ def push_folder(
     model = validate_model_folder(folder)
     for warning in model.warnings:
         logger.warning(warning)
-    show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+    show_progress = progress_enabled(show_progress)
 
     from huggingface_hub import HfApi
 
+    install_timeouts()
     api = HfApi(token=token)
     retry = _Retry(max_attempts, backoff, repo_id)
-    with _upload_staging(model, repo_id, keep_card) as staging, _progress_bars(show_progress):
+    with _upload_staging(model, repo_id, keep_card) as staging, quiet_libraries(show_progress):
         exists = retry(lambda: api.repo_exists(repo_id), "check the repo")
         created = False
         try:
@@ -358,6 +416,7 @@ def push_folder(
             if branch and branch != "main":
                 retry(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), "create the branch")
             message = commit_message or _default_message(model)
+            log_stage(f"push: uploading {len(_staged_names(model))} files to {repo_id}", show_progress)
             info = retry(
                 lambda: api.upload_folder(
                     repo_id=repo_id,
@@ -402,11 +461,13 @@ def _upload_staging(model: ModelFolder, repo_id: str, keep_card: bool) -> Iterat
     """A temporary folder with links to the model's files and the card rendered for `repo_id`.
 
     The model folder itself is not changed. Files are hard-linked when possible (same file system), else
-    symbolically linked; upload_folder reads through both.
+    symbolically linked; upload_folder reads through both. The folder's name carries this process's id, so the
+    next push removes what a killed one left behind.
     """
     from hf_wemoe.hub.cards import local_source_paths, model_card, validate_card
 
-    staging = Path(tempfile.mkdtemp(prefix="hf-wemoe-push-"))
+    remove_stale_staging(tempfile.gettempdir(), STAGING_STEM)
+    staging = make_staging_dir(tempfile.gettempdir(), STAGING_STEM)
     try:
         for name in model.files:
             if name == CARD_NAME:
@@ -437,7 +498,7 @@ def _upload_staging(model: ModelFolder, repo_id: str, keep_card: bool) -> Iterat
 
 
 class _Retry:
-    """Call a Hub operation, retrying transient failures with exponential backoff; other failures become one line."""
+    """Call a Hub operation with the package's bounded retries; failures become one line (`hub_error`)."""
 
     def __init__(self, max_attempts: int, backoff: float, repo_id: str):
         self.max_attempts = max(1, int(max_attempts))
@@ -445,43 +506,17 @@ class _Retry:
         self.repo_id = repo_id
 
     def __call__(self, operation: Callable[[], T], what: str) -> T:
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                return operation()
-            except Exception as err:  # noqa: BLE001 -- classified below
-                if not is_transient(err) or attempt == self.max_attempts:
-                    raise hub_error(err, self.repo_id, what, attempt) from err
-                wait = min(30.0, self.backoff * 2 ** (attempt - 1))
-                logger.warning(
-                    "%s: %s failed (%s); retrying in %.1fs (attempt %d of %d)",
-                    self.repo_id,
-                    what,
-                    _one_line(err),
-                    wait,
-                    attempt + 1,
-                    self.max_attempts,
-                )
-                time.sleep(wait)
-        raise AssertionError("unreachable")
-
-
-def is_transient(err: BaseException) -> bool:
-    """True for failures worth retrying: HTTP 408/429/5xx answers and connection-level errors."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if isinstance(err, HfHubHTTPError):
-        response = getattr(err, "response", None)
-        return getattr(response, "status_code", None) in TRANSIENT_STATUS
-    try:
-        import httpx2 as httpx
-    except ImportError:  # pragma: no cover -- older huggingface_hub releases use httpx
-        import httpx
-    return isinstance(err, (httpx.TransportError, ConnectionError, TimeoutError))
+        return with_retries(
+            operation,
+            f"{what} for '{self.repo_id}'",
+            attempts=self.max_attempts,
+            backoff=self.backoff,
+            on_error=lambda err, attempts: hub_error(err, self.repo_id, what, attempts),
+        )
 
 
 def hub_error(err: BaseException, repo_id: str, what: str, attempts: int = 1) -> WEMoEError:
     """A one-line `WEMoEError` for a failed Hub call: what failed, why, and what to do."""
-    from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     tried = f" after {attempts} attempts" if attempts > 1 else ""
@@ -490,7 +525,7 @@ def hub_error(err: BaseException, repo_id: str, what: str, attempts: int = 1) ->
         return err
     if isinstance(err, HfHubHTTPError):
         status = getattr(getattr(err, "response", None), "status_code", None)
-        detail = _one_line(err.server_message or str(err).splitlines()[0])
+        detail = one_line(err.server_message or first_line(err))
         if status == 401:
             return WEMoEError(
                 f"the Hub refused the token (401 Unauthorized) when trying to {what} for '{repo_id}'; log in with "
@@ -512,14 +547,17 @@ def hub_error(err: BaseException, repo_id: str, what: str, attempts: int = 1) ->
         return WEMoEError(f"push to '{repo_id}' failed{tried} trying to {what}: {status} {detail}; {nothing}")
     if isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err):
         return WEMoEError(
-            f"the Hub refused the model card metadata of '{repo_id}': {_one_line(err)}; {nothing}"
+            f"the Hub refused the model card metadata of '{repo_id}': {one_line(err)}; {nothing}"
         )
     if is_transient(err):
-        return WEMoEError(
-            f"cannot reach the Hub at {constants.ENDPOINT}{tried} trying to {what} for '{repo_id}': "
-            f"{_one_line(err)}; {nothing}"
+        return hub_unreachable(
+            err,
+            f"{what} for '{repo_id}'",
+            attempts,
+            advice=f"{nothing}; check the network and HF_ENDPOINT, or give slow connections more time with "
+            f"HF_HUB_DOWNLOAD_TIMEOUT (now {hub_timeout():g} s)",
         )
-    return WEMoEError(f"push to '{repo_id}' failed trying to {what}: {_one_line(err)}; {nothing}")
+    return WEMoEError(f"push to '{repo_id}' failed trying to {what}: {one_line(err)}; {nothing}")
 
 
 def _delete_created_repo(api: Any, repo_id: str) -> None:
@@ -528,44 +566,8 @@ def _delete_created_repo(api: Any, repo_id: str) -> None:
         api.delete_repo(repo_id, missing_ok=True)
     except Exception as err:  # noqa: BLE001
         logger.warning(
-            "could not delete the empty repo %s created by the failed push: %s", repo_id, _one_line(err)
+            "could not delete the empty repo %s created by the failed push: %s", repo_id, one_line(err)
         )
-
-
-@contextlib.contextmanager
-def _progress_bars(show: bool) -> Iterator[None]:
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    if not show:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not show and not was_disabled:
-            enable_progress_bars()
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Keep loading messages and progress bars of transformers out of the command's output."""
-    from transformers.utils import logging as transformers_logging
-
-    verbosity = transformers_logging.get_verbosity()
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-        if bars:
-            transformers_logging.enable_progress_bar()
-
-
-def _one_line(err: BaseException | str) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
 
 
 __all__ = [
@@ -575,6 +577,7 @@ __all__ = [
     "check_token",
     "hub_error",
     "is_transient",
+    "model_classes",
     "push_folder",
     "validate_model_folder",
 ]

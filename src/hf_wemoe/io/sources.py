@@ -20,23 +20,33 @@ import hashlib
 import json
 import logging
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from hf_wemoe.errors import SourceError
+from hf_wemoe.io.hub import hub_unreachable, install_timeouts, is_connection_error, with_retries
+from hf_wemoe.io.layout import (
+    CONFIG_NAME,
+    PICKLE_INDEX_NAME,
+    PICKLE_NAME,
+    PREPROCESSOR_NAME,
+    SAFETENSORS_INDEX_NAME,
+    SAFETENSORS_NAME,
+)
+from hf_wemoe.io.weights import check_finite
+from hf_wemoe.utils.formatting import one_line
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-SAFETENSORS_NAME = "model.safetensors"
-SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
-PICKLE_NAME = "pytorch_model.bin"
-PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+# Fields that transformers writes into every config.json about the file itself, never about the architecture:
+# dropped before a config's values build another config.
+CONFIG_METADATA_FIELDS = ("model_type", "transformers_version", "architectures")
 
 # Prefix of the vision tower in transformers-4 `CLIPVisionModel` checkpoints and in full `CLIPModel` ones.
 VISION_PREFIX = "vision_model."
@@ -114,15 +124,24 @@ def parse_reference(text: str) -> ModelReference:
             )
         return ModelReference(text=text, path=path.resolve())
     repo_id, _, revision = text.partition("@")
-    looks_like_path = text.startswith((".", "/", "~", "\\")) or repo_id.count("/") > 1
-    if looks_like_path or not _HUB_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
+    if looks_like_path(text) or not _HUB_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
         raise SourceError(
-            f"'{text}' is neither an existing local folder nor a Hub repo id (org/name[@revision]); "
-            "check the path or the repo name"
+            f"no such folder: '{text}' ({path.absolute()}) does not exist, and it is neither an existing local "
+            "folder nor a Hub repo id (org/name[@revision]); check the path or the repo name"
         )
     if "@" in text and not revision:
         raise SourceError(f"'{text}' has an empty revision after '@'; write org/name@revision or org/name")
     return ModelReference(text=text, repo_id=repo_id, revision=revision or None)
+
+
+def looks_like_path(text: str) -> bool:
+    """True when a reference can only mean a local folder: it starts with `./`, `../`, `/` or `~`, has more than
+    one `/`, or names an entry of an existing folder (`out/model` when `out/` exists)."""
+    repo_id = text.partition("@")[0]
+    if text.startswith((".", "/", "~", "\\")) or repo_id.count("/") > 1:
+        return True
+    parent = Path(repo_id).parent
+    return parent != Path(".") and parent.is_dir()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,13 +163,16 @@ class SafetensorsFile:
             with safe_open(str(path), framework="pt") as handle:
                 self.shapes: dict[str, tuple[int, ...]] = {}
                 self.dtypes: dict[str, torch.dtype] = {}
+                # The dtype names of the header (F32, I32, ...), for messages about dtypes torch has no name for.
+                self.raw_dtypes: dict[str, str] = {}
                 for key in handle.keys():
                     tensor_slice = handle.get_slice(key)
                     self.shapes[key] = tuple(tensor_slice.get_shape())
+                    self.raw_dtypes[key] = tensor_slice.get_dtype()
                     self.dtypes[key] = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.uint8)
         except (SafetensorError, OSError, ValueError) as err:
             raise SourceError(
-                f"cannot read safetensors file '{path}': {_one_line(err)}; the file is corrupt or incomplete, "
+                f"cannot read safetensors file '{path}': {one_line(err)}; the file is corrupt or incomplete, "
                 "delete it (or the Hub cache entry) and download it again"
             ) from err
 
@@ -162,7 +184,7 @@ class SafetensorsFile:
             with safe_open(str(self.path), framework="pt") as handle:
                 return handle.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as err:
-            raise SourceError(f"cannot read tensor '{key}' from '{self.path}': {_one_line(err)}") from err
+            raise SourceError(f"cannot read tensor '{key}' from '{self.path}': {one_line(err)}") from err
 
 
 class PickleFile:
@@ -175,9 +197,14 @@ class PickleFile:
                 self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
                 self.state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise SourceError(
+                f"'{path}' holds more than tensors, which torch.load(weights_only=True) refuses (UnpicklingError); "
+                "a file like this can run code when loaded without that check: do not use it"
+            ) from err
         except Exception as err:  # noqa: BLE001 -- any unpickling failure is a bad checkpoint
             raise SourceError(
-                f"cannot load '{path}' with torch.load(weights_only=True): {_one_line(err)}"
+                f"cannot load '{path}' with torch.load(weights_only=True): {one_line(err)}"
             ) from err
         if not isinstance(self.state, dict):
             raise SourceError(f"'{path}' does not hold a state dict (found {type(self.state).__name__})")
@@ -226,12 +253,18 @@ class ModelSource:
         return self._files[key].dtypes[self._names[key]]
 
     def get(self, key: str) -> torch.Tensor:
-        """Read tensor `key` (normalised name) from disk."""
+        """Read tensor `key` (normalised name) from disk.
+
+        Raises:
+            SourceError: no such tensor, or one with NaN or infinite values (a merge would spread them silently).
+        """
         try:
             stored = self._names[key]
         except KeyError:
             raise SourceError(f"'{self.reference.text}' has no tensor '{key}'") from None
-        return self._files[key].get(stored)
+        tensor = self._files[key].get(stored)
+        check_finite(tensor, f"tensor '{key}' of '{self.reference.text}'")
+        return tensor
 
     @property
     def preprocessor_config(self) -> Path | None:
@@ -303,7 +336,7 @@ def read_vision_config(path: Path, what: str = "") -> CLIPVisionConfig:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise SourceError(f"cannot read {path}: {_one_line(err)}") from err
+        raise SourceError(f"cannot read {path}: {one_line(err)}") from err
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type == _FULL_CLIP_MODEL_TYPE:
         data = data.get("vision_config") or {}
@@ -312,13 +345,11 @@ def read_vision_config(path: Path, what: str = "") -> CLIPVisionConfig:
             f"'{what}' is a '{model_type}' model; expected a CLIP vision model ('{_VISION_MODEL_TYPE}') or a "
             f"full CLIP model ('{_FULL_CLIP_MODEL_TYPE}') fine-tuned from the same base"
         )
-    values = {
-        k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "architectures")
-    }
+    values = {k: v for k, v in data.items() if k not in CONFIG_METADATA_FIELDS}
     try:
         return CLIPVisionConfig(**values)
-    except (TypeError, ValueError) as err:
-        raise SourceError(f"invalid CLIP vision config in '{what}': {_one_line(err)}") from err
+    except (TypeError, ValueError, StrictDataclassError) as err:
+        raise SourceError(f"invalid CLIP vision config in '{what}': {one_line(err)}") from err
 
 
 def expected_keys(config: CLIPVisionConfig) -> dict[str, tuple[int, ...]]:
@@ -332,12 +363,14 @@ def expected_keys(config: CLIPVisionConfig) -> dict[str, tuple[int, ...]]:
 # Internals
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
+def _dtype_name(source: ModelSource, key: str) -> str:
+    stored = source._files[key]
+    raw = getattr(stored, "raw_dtypes", {}).get(source._names[key])
+    return raw or str(source.dtype(key)).removeprefix("torch.")
 
 
-def _pickle_refusal(ref: ModelReference, name: str) -> SourceError:
+def pickle_refusal(ref: ModelReference, name: str) -> SourceError:
+    """The one-line refusal of a checkpoint whose only weights are pickle (which can run code when loaded)."""
     return SourceError(
         f"'{ref.text}' only has pickle weights ({name}); loading pickle can execute arbitrary code, so it is "
         "refused. Convert the checkpoint to safetensors, or pass --allow-pickle if you trust its author "
@@ -360,7 +393,7 @@ def _weights_from_names(names: set[str], read_index, ref: ModelReference, allow_
             "point to a folder or repo with a saved CLIP vision model"
         )
     if not allow_pickle:
-        raise _pickle_refusal(ref, pickled)
+        raise pickle_refusal(ref, pickled)
     if pickled == PICKLE_INDEX_NAME:
         return sorted(set(read_index(PICKLE_INDEX_NAME).values())), "pickle"
     return [PICKLE_NAME], "pickle"
@@ -372,7 +405,7 @@ def _read_weight_map(path: Path) -> dict[str, str]:
         if not isinstance(weight_map, dict):
             raise ValueError("'weight_map' is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SourceError(f"cannot read the shard index '{path}': {_one_line(err)}") from err
+        raise SourceError(f"cannot read the shard index '{path}': {one_line(err)}") from err
     for name in weight_map.values():
         if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
             raise SourceError(f"the shard index '{path}' names an invalid file {name!r}")
@@ -399,29 +432,47 @@ def _content_hash(paths: list[Path]) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _download(ref: ModelReference, allow_pickle: bool) -> tuple[Path, list[Path], str, str]:
-    """Resolve a Hub reference to a commit and download the files a merge reads."""
-    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+def hub_model_info(ref: ModelReference):
+    """Ask the Hub about the repo of `ref` at its revision (bounded time and retries): its commit and files.
+
+    Raises:
+        SourceError: gated repo, unknown revision, unknown repo (the message also names the local folder that was
+            looked for), or a Hub that cannot be reached (naming the endpoint and what to try).
+    """
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     where = f"the Hub ({constants.ENDPOINT})"
     try:
-        try:
-            info = HfApi().model_info(ref.repo_id, revision=ref.revision)
-        except GatedRepoError as err:
-            raise SourceError(
-                f"'{ref.repo_id}' is gated on {where}: accept its conditions on the Hub and log in "
-                "(`hf auth login`)"
-            ) from err
-        except RevisionNotFoundError as err:
-            raise SourceError(
-                f"revision '{ref.revision}' not found in Hub repo '{ref.repo_id}'; check the branch, tag or commit"
-            ) from err
-        except RepositoryNotFoundError as err:
-            raise SourceError(
-                f"'{ref.text}' is not a local folder and Hub repo '{ref.repo_id}' was not found on {where}; "
-                "check the name (log in with `hf auth login` for a private repo)"
-            ) from err
+        return with_retries(
+            lambda: HfApi().model_info(ref.repo_id, revision=ref.revision),
+            f"find model repo '{ref.repo_id}'",
+        )
+    except GatedRepoError as err:
+        raise SourceError(
+            f"'{ref.repo_id}' is gated on {where}: accept its conditions on the Hub and log in (`hf auth login`)"
+        ) from err
+    except RevisionNotFoundError as err:
+        raise SourceError(
+            f"revision '{ref.revision}' not found in Hub repo '{ref.repo_id}'; check the branch, tag or commit"
+        ) from err
+    except RepositoryNotFoundError as err:
+        folder = Path(ref.repo_id).expanduser().absolute()
+        raise SourceError(
+            f"'{ref.text}' is not a local folder (no folder {folder}) and not a reachable Hub repo: "
+            f"'{ref.repo_id}' was not found on {where}; check the path or the repo name (log in with "
+            "`hf auth login` for a private repo)"
+        ) from err
+
+
+def _download(ref: ModelReference, allow_pickle: bool) -> tuple[Path, list[Path], str, str]:
+    """Resolve a Hub reference to a commit and download the files a merge reads."""
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
+
+    where = f"the Hub ({constants.ENDPOINT})"
+    install_timeouts()
+    try:
+        info = hub_model_info(ref)
         commit = info.sha
         names = {sibling.rfilename for sibling in info.siblings or []}
 
@@ -439,7 +490,9 @@ def _download(ref: ModelReference, allow_pickle: bool) -> tuple[Path, list[Path]
     except SourceError:
         raise
     except Exception as err:  # noqa: BLE001 -- network and HTTP failures become one readable line
-        raise SourceError(f"cannot download '{ref.text}' from {where}: {_one_line(err)}") from err
+        if is_connection_error(err):
+            raise hub_unreachable(err, f"download '{ref.text}'") from err
+        raise SourceError(f"cannot download '{ref.text}' from {where}: {one_line(err)}") from err
     folder = Path(folder)
     return folder, [folder / name for name in files], kind, commit
 
@@ -477,6 +530,12 @@ def _index_tensors(source: ModelSource, files: list[SafetensorsFile | PickleFile
     source._names = {key: names[key] for key in expected}
     source._files = {key: stored[names[key]] for key in expected}
     for key, shape in expected.items():
+        if not source.dtype(key).is_floating_point:
+            # Read as floats, integer data would become huge task vectors; a float header never lies that way.
+            raise SourceError(
+                f"'{source.reference.text}' tensor '{key}' is stored as {_dtype_name(source, key)}, but a CLIP "
+                "weight must be a floating-point tensor; the checkpoint is damaged or was not written by a model"
+            )
         if source.shape(key) != shape:
             raise SourceError(
                 f"'{source.reference.text}' tensor '{key}' has shape {source.shape(key)}, its config.json "
@@ -485,11 +544,15 @@ def _index_tensors(source: ModelSource, files: list[SafetensorsFile | PickleFile
 
 
 __all__ = [
+    "CONFIG_METADATA_FIELDS",
     "ModelReference",
     "ModelSource",
     "SafetensorsFile",
     "expected_keys",
+    "hub_model_info",
+    "looks_like_path",
     "open_source",
     "parse_reference",
+    "pickle_refusal",
     "read_vision_config",
 ]

@@ -11,8 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+from hf_wemoe.errors import SourceError
+from hf_wemoe.io.layout import SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME
+from hf_wemoe.models.modeling_wemoe import is_router_parameter
+
 # Key endings of the tensors that hold the positions of sparse task-vector entries.
 SPARSE_POSITION_SUFFIXES = ("_indices", "_block_counts")
 
@@ -60,7 +62,7 @@ class ShardedSafetensorsWriter:
         """Write the last shard, give the shards their final names, write the index; returns the files."""
         self._flush()
         if len(self._shards) == 1:
-            target = self.folder / WEIGHTS_NAME
+            target = self.folder / SAFETENSORS_NAME
             os.replace(self._shards[0][0], target)
             return [target]
         count = len(self._shards)
@@ -72,19 +74,43 @@ class ShardedSafetensorsWriter:
             files.append(target)
             weight_map.update({key: target.name for key in keys})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        index_path = self.folder / WEIGHTS_INDEX_NAME
+        index_path = self.folder / SAFETENSORS_INDEX_NAME
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return [*files, index_path]
+
+
+def first_non_finite(tensor: torch.Tensor) -> float | None:
+    """The first NaN or infinite value of a floating-point tensor, or None when all are finite (or it is not float)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return None
+    return float(tensor.reshape(-1)[~finite.reshape(-1)][0])
+
+
+def check_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:
+    """Raise `SourceError` naming `what` when a floating-point tensor holds NaN or infinite values.
+
+    `hint` says what to do (default: the checkpoint is damaged, use another one).
+    """
+    bad = first_non_finite(tensor)
+    if bad is not None:
+        count = int((~torch.isfinite(tensor)).sum())
+        hint = hint or "the checkpoint is damaged or its training diverged: use another one"
+        raise SourceError(
+            f"{what} has non-finite values ({count} of {tensor.numel()} are NaN or infinite, e.g. {bad}); {hint}"
+        )
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The safetensors files of a saved model folder (single file or the shards its index lists)."""
     folder = Path(folder)
-    index = folder / WEIGHTS_INDEX_NAME
+    index = folder / SAFETENSORS_INDEX_NAME
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [folder / name for name in names]
-    return [folder / WEIGHTS_NAME] if (folder / WEIGHTS_NAME).is_file() else []
+    return [folder / SAFETENSORS_NAME] if (folder / SAFETENSORS_NAME).is_file() else []
 
 
 def tensor_shapes(folder: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -109,7 +135,7 @@ def count_parameters(folder: str | os.PathLike) -> dict[str, int]:
         if ".task_vectors." in key and key.endswith(SPARSE_POSITION_SUFFIXES):
             continue
         numel = math.prod(shape)
-        role = "router" if ".router." in f".{key}" else "task_vectors" if ".task_vectors." in key else "other"
+        role = "router" if is_router_parameter(key) else "task_vectors" if ".task_vectors." in key else "other"
         counts[role] += numel
         counts["total"] += numel
     return counts
@@ -122,6 +148,8 @@ def folder_size(folder: str | os.PathLike) -> int:
 
 __all__ = [
     "ShardedSafetensorsWriter",
+    "check_finite",
+    "first_non_finite",
     "count_parameters",
     "folder_size",
     "tensor_shapes",

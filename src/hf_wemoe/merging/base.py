@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from hf_wemoe.io.sources import ModelSource
 
+# What to do when a merged tensor is not finite: sources are checked when read, so the merge itself overflowed.
+OVERFLOW_HINT = "the merge overflows the checkpoint's dtype: lower --scaling"
+
 # `progress(iterable, description, total)` wraps an iterable with a progress bar (or returns it unchanged).
 Progress = Callable[[Iterable, str, int | None], Iterable]
 
@@ -56,6 +59,9 @@ class MergeMethod(ABC):
     """File name of the model card template in `model_cards/` (package `hf_wemoe.hub.model_cards`)."""
     tags: ClassVar[tuple[str, ...]] = ()
     """Extra Hub tags for the model card."""
+    is_moe: ClassVar[bool] = False
+    """True when the method writes a mixture-of-experts model with routers to adapt (WEMoE), False when it writes
+    one static model."""
 
     def __init__(self, options: Any):
         self.options = options
@@ -65,4 +71,4 @@ class MergeMethod(ABC):
         """Write the merged model (config and weights) into the empty folder `folder`."""
 
 
-__all__ = ["MergeJob", "MergeMethod", "Progress", "no_progress"]
+__all__ = ["OVERFLOW_HINT", "MergeJob", "MergeMethod", "Progress", "no_progress"]

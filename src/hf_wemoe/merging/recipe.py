@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.merging.base import MergeMethod
 from hf_wemoe.merging.registry import get_method, merge_methods
-from hf_wemoe.models.configuration_wemoe import ROUTER_DEPTHS, ROUTING_MODES, TASK_VECTOR_DTYPES
+
+# The allowed values are the model config's own, so the recipe cannot accept what the config refuses.
+from hf_wemoe.models.configuration_wemoe import RouterDepth, RoutingMode, TaskVectorDtype
 from hf_wemoe.utils.config_files import (
     describe_validation_error,
     flag_of,
@@ -31,12 +33,6 @@ from hf_wemoe.utils.config_files import (
 from hf_wemoe.utils.formatting import parse_size
 
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-
-# The allowed values are the model config's own, so the recipe cannot accept what the config refuses.
-RouterDepth = Literal[ROUTER_DEPTHS]  # type: ignore[valid-type]
-RoutingMode = Literal[ROUTING_MODES]  # type: ignore[valid-type]
-TaskVectorDtype = Literal[TASK_VECTOR_DTYPES]  # type: ignore[valid-type]
-
 
 def _method_option(**extra: Any) -> dict[str, Any]:
     return {"method_option": True, **extra}
@@ -83,6 +79,7 @@ class MergeRecipe(BaseModel):
     method: str = Field(default="wemoe", description="merge method", json_schema_extra={"metavar": "METHOD"})
     scaling: float = Field(
         default=0.3,
+        allow_inf_nan=False,  # a NaN or infinite lambda would write a NaN model
         description="scaling factor lambda of the summed task vectors (task arithmetic, TIES, and WEMoE's "
         "non-MLP weights and router initialisation)",
         json_schema_extra=_method_option(metavar="LAMBDA"),

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from hf_wemoe.io.weights import ShardedSafetensorsWriter
-from hf_wemoe.merging.base import MergeJob, MergeMethod
+from hf_wemoe.io.weights import ShardedSafetensorsWriter, check_finite
+from hf_wemoe.merging.base import OVERFLOW_HINT, MergeJob, MergeMethod
 from hf_wemoe.utils.formatting import parse_size
 
 
@@ -41,8 +42,9 @@ class StaticMergeMethod(MergeMethod):
         writer = ShardedSafetensorsWriter(folder, parse_size(self.options.max_shard_size))
         for key in job.progress(job.base.keys, f"{self.name}", len(job.base.keys)):
             base = job.base.get(key)
-            merged = self.merge_tensor(key, base, list(job.expert_tensors(key)))
-            writer.add(key, merged.to(base.dtype))
+            merged = self.merge_tensor(key, base, list(job.expert_tensors(key))).to(base.dtype)
+            check_finite(merged, f"the merged tensor '{key}'", OVERFLOW_HINT)
+            writer.add(key, merged)
         writer.finish()
 
 
@@ -50,6 +52,19 @@ def task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tenso
     """The stacked float32 task vectors (K, *shape): expert minus base."""
     base = base.float()
     return torch.stack([expert.float() - base for expert in experts])
+
+
+def task_arithmetic(base: torch.Tensor, experts: Iterable[torch.Tensor], scaling: float) -> torch.Tensor:
+    """theta0 + scaling * sum_k (theta_k - theta0), in float32 (scaling 1/K gives the experts' mean).
+
+    The task vectors are summed one at a time in expert order, so memory holds one of them besides the sum, and
+    every caller (the merge methods, WEMoE outside its MLPs, the toy world's table) gets the same bits.
+    """
+    base = base.float()
+    total = torch.zeros_like(base)
+    for expert in experts:
+        total += expert.float() - base
+    return base + scaling * total
 
 
 class TaskArithmetic(StaticMergeMethod):
@@ -61,11 +76,7 @@ class TaskArithmetic(StaticMergeMethod):
     tags = ("task-arithmetic",)
 
     def merge_tensor(self, key: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
-        base = base.float()
-        total = torch.zeros_like(base)
-        for expert in experts:  # accumulated in place: no (K, *shape) stack
-            total.add_(expert.float()).sub_(base)
-        return base + self.options.scaling * total
+        return task_arithmetic(base, experts, self.options.scaling)
 
 
 class Average(StaticMergeMethod):
@@ -129,4 +140,4 @@ class Ties(StaticMergeMethod):
         return base.float() + self.options.scaling * merged
 
 
-__all__ = ["Average", "StaticMergeMethod", "TaskArithmetic", "Ties", "task_vectors"]
+__all__ = ["Average", "StaticMergeMethod", "TaskArithmetic", "Ties", "task_arithmetic", "task_vectors"]

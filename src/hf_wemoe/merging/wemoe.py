@@ -15,8 +15,11 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
-from hf_wemoe.merging.base import MergeJob, MergeMethod
-from hf_wemoe.models.configuration_wemoe import WEMoECLIPVisionConfig
+from hf_wemoe.io.sources import CONFIG_METADATA_FIELDS
+from hf_wemoe.io.weights import check_finite
+from hf_wemoe.merging.base import OVERFLOW_HINT, MergeJob, MergeMethod
+from hf_wemoe.merging.static import task_arithmetic, task_vectors
+from hf_wemoe.models.configuration_wemoe import DEPRECATED_FIELD_NAMES, WEMoECLIPVisionConfig
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
 from hf_wemoe.utils.formatting import parse_size
 
@@ -35,10 +38,11 @@ def is_mlp_tensor(key: str) -> tuple[int, str] | None:
 def wemoe_config(base_config: CLIPVisionConfig, expert_names: list[str], **options) -> WEMoECLIPVisionConfig:
     """The WEMoE config for a base architecture, expert names and WEMoE options (config field names).
 
-    Unknown option names raise `WEMoEError`; invalid values raise it with the config's message.
+    Unknown option names raise `WEMoEError`; invalid values raise it with the config's message. The deprecated
+    names of renamed fields (`init_lambda`, `task_vector_sparsity`) still work, with a FutureWarning.
     """
     fields = set(WEMoECLIPVisionConfig.__dataclass_fields__) - set(CLIPVisionConfig.__dataclass_fields__)
-    unknown = sorted(set(options) - fields)
+    unknown = sorted(set(options) - fields - set(DEPRECATED_FIELD_NAMES))
     if unknown:
         raise WEMoEError(
             f"unknown WEMoE option(s) {unknown}; valid options: {sorted(fields - {'expert_names'})}"
@@ -46,7 +50,8 @@ def wemoe_config(base_config: CLIPVisionConfig, expert_names: list[str], **optio
     architecture = {
         k: v for k, v in base_config.to_dict().items() if k in CLIPVisionConfig.__dataclass_fields__
     }
-    for key in ("model_type", "transformers_version", "architectures", "dtype"):
+    # The model takes the checkpoint's dtype when it is built, not a dtype recorded in its config.
+    for key in (*CONFIG_METADATA_FIELDS, "dtype"):
         architecture.pop(key, None)
     try:
         return WEMoECLIPVisionConfig(**architecture, expert_names=list(expert_names), **options)
@@ -68,10 +73,10 @@ def upscale_tensors(
     sparsity. Routers are not yielded: they are initialised by the model.
     """
     moe_layers = set(config.moe_layer_indices)
-    scale = float(config.init_lambda)
+    scale = float(config.scaling)
     for key in keys:
         theta0 = base(key)
-        task_vectors = []
+        thetas = []
         for name, expert in experts.items():
             theta = expert(key)
             if theta.shape != theta0.shape:
@@ -79,14 +84,15 @@ def upscale_tensors(
                     f"expert '{name}' tensor '{key}' has shape {tuple(theta.shape)}, the base has "
                     f"{tuple(theta0.shape)}; experts must be fine-tuned from the same architecture as the base"
                 )
-            task_vectors.append(theta.float() - theta0.float())
+            thetas.append(theta)
         mlp = is_mlp_tensor(key)
         if mlp is not None and mlp[0] in moe_layers:
             yield key, theta0
-            yield f"encoder.layers.{mlp[0]}.mlp.task_vectors.{mlp[1]}", torch.stack(task_vectors)
+            yield f"encoder.layers.{mlp[0]}.mlp.task_vectors.{mlp[1]}", task_vectors(theta0, thetas)
         else:
-            merged = theta0.float() + scale * torch.stack(task_vectors).sum(dim=0)
-            yield key, merged.to(theta0.dtype)
+            merged = task_arithmetic(theta0, thetas, scale).to(theta0.dtype)
+            check_finite(merged, f"the merged tensor '{key}'", OVERFLOW_HINT)
+            yield key, merged
 
 
 def load_upscaled_tensor(model: WEMoECLIPVisionModel, key: str, tensor: torch.Tensor) -> None:
@@ -112,8 +118,8 @@ def build_wemoe(
         base: the pretrained `CLIPVisionModel`.
         experts: expert name -> `CLIPVisionModel` fine-tuned from `base`.
         seed: seed of the router initialisation (the only random part), for reproducible builds.
-        **options: WEMoE config fields, e.g. `init_lambda=0.3`, `router_depth=2`, `shared_router=True`,
-            `task_vector_sparsity=0.9`, `task_vector_dtype="bfloat16"`, `routing="batch"`, `moe_layers=[...]`.
+        **options: WEMoE config fields, e.g. `scaling=0.3`, `router_depth=2`, `shared_router=True`,
+            `sparsity=0.9`, `task_vector_dtype="bfloat16"`, `routing="batch"`, `moe_layers=[...]`.
 
     Raises:
         WEMoEError: no experts, or invalid options.
@@ -150,19 +156,17 @@ class WEMoE(MergeMethod):
     defaults: ClassVar[dict] = {"sparsity": 0.0, "shared_router": False}
     card_template = "wemoe.md"
     tags = ("wemoe", "mixture-of-experts")
+    is_moe = True
 
     def write(self, job: MergeJob, folder: Path) -> None:
         options = self.options
-        # The recipe's names are the config's names (`scaling`, `sparsity`); configs that predate the rename
-        # call them `init_lambda` and `task_vector_sparsity`.
-        renamed = "scaling" in WEMoECLIPVisionConfig.__dataclass_fields__
         config = wemoe_config(
             job.base.config,
             list(job.experts),
-            **{"scaling" if renamed else "init_lambda": options.scaling},
-            **{"sparsity" if renamed else "task_vector_sparsity": options.sparsity},
+            scaling=options.scaling,
             router_depth=options.router_depth,
             shared_router=options.shared_router,
+            sparsity=options.sparsity,
             task_vector_dtype=options.task_vector_dtype,
             routing=options.routing,
             base_model_ref=job.base.reference.recorded,

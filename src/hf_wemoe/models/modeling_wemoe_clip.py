@@ -6,7 +6,8 @@ With the text tower, the model scores images against any text, like [`CLIPModel`
 the pretrained model's, unchanged.
 
 This file is copied into every saved full-CLIP model folder and Hub repository, so it imports only the standard
-library, torch, transformers and its siblings `modeling_wemoe.py` and `configuration_wemoe.py`.
+library, torch, transformers and its siblings `modeling_wemoe.py` (with its `wemoe_ops.py`) and
+`configuration_wemoe.py`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPTextModel, PreTrainedModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPOutput
 
 from .configuration_wemoe import WEMoECLIPConfig
-from .modeling_wemoe import WEMoECLIPVisionModel, WEMoEModelOutputWithPooling
+from .modeling_wemoe import WEMoECLIPPreTrainedModel, WEMoECLIPVisionModel, WEMoEModelOutputWithPooling
 
 
 @dataclass
@@ -39,13 +40,13 @@ def _contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     return (text_loss + image_loss) / 2.0
 
 
-class WEMoECLIPModel(PreTrainedModel):
+class WEMoECLIPModel(WEMoECLIPPreTrainedModel):
     """CLIP with a WEMoE vision tower: `text_model` and the projections of the pretrained CLIP model,
     `vision_model` a [`WEMoECLIPVisionModel`].
 
     Takes the inputs of [`CLIPModel`] and returns its outputs (`logits_per_image`, `logits_per_text`,
     `image_embeds`, `text_embeds`, ...), plus `routing_weights` when called with `output_routing_weights=True`.
-    Only router parameters require gradients.
+    Only the vision tower's router parameters require gradients (as for every [`WEMoECLIPPreTrainedModel`]).
 
     Example:
 
@@ -59,9 +60,8 @@ class WEMoECLIPModel(PreTrainedModel):
     config_class = WEMoECLIPConfig
     config: WEMoECLIPConfig
     base_model_prefix = "wemoe_clip"
+    main_input_name = "input_ids"
     input_modalities = ("image", "text")
-    _supports_sdpa = True
-    _supports_attention_backend = True
     _no_split_modules = [
         "CLIPTextEmbeddings",
         "CLIPEncoderLayer",
@@ -92,19 +92,6 @@ class WEMoECLIPModel(PreTrainedModel):
             )
             init.constant_(module.logit_scale, float(self.config.logit_scale_init_value))
 
-    def post_init(self) -> None:
-        """Initialise weights, then make only router parameters trainable."""
-        super().post_init()
-        self.freeze_non_router_parameters()
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Load like any transformers model; only router parameters require gradients afterwards."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        # With `output_loading_info=True` the model comes first in a tuple.
-        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_non_router_parameters()
-        return loaded
-
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save like any transformers model; `auto_map` also names the zero-shot image classification class."""
         # transformers writes one `auto_map` entry per registered class (AutoModel); the zero-shot pipeline loads
@@ -115,11 +102,6 @@ class WEMoECLIPModel(PreTrainedModel):
             auto_map["AutoModelForZeroShotImageClassification"] = f"{module}.{type(self).__name__}"
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def freeze_non_router_parameters(self) -> None:
-        """Only the vision tower's routers train: every other parameter gets `requires_grad=False`."""
-        for name, parameter in self.named_parameters():
-            parameter.requires_grad_(".router." in f".{name}")
 
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.get_input_embeddings()
@@ -144,6 +126,7 @@ class WEMoECLIPModel(PreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_routing_weights: bool | None = None,
         force_routing: torch.Tensor | None = None,
+        routing: str | None = None,
         **kwargs,
     ) -> WEMoEModelOutputWithPooling:
         """The WEMoE vision tower's outputs with `pooler_output` projected by `visual_projection` (as
@@ -153,6 +136,7 @@ class WEMoECLIPModel(PreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_routing_weights=output_routing_weights,
             force_routing=force_routing,
+            routing=routing,
             return_dict=True,
         )
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)
@@ -169,6 +153,7 @@ class WEMoECLIPModel(PreTrainedModel):
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
         force_routing: torch.Tensor | None = None,
+        routing: str | None = None,
         **kwargs,
     ) -> WEMoECLIPOutput | tuple:
         r"""
@@ -178,6 +163,9 @@ class WEMoECLIPModel(PreTrainedModel):
             Return the routing weights of every MoE layer, each of shape (image batch, num_experts).
         force_routing (`torch.Tensor`, *optional*):
             Use these routing weights instead of the routers' (see [`WEMoECLIPVisionModel`]).
+        routing (`str`, *optional*):
+            The routing mode for this call, `"sample"` or `"batch"` (see `set_routing`); defaults to the vision
+            config's `routing`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         vision_outputs = self.get_image_features(
@@ -185,6 +173,7 @@ class WEMoECLIPModel(PreTrainedModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_routing_weights=output_routing_weights,
             force_routing=force_routing,
+            routing=routing,
         )
         text_outputs = self.get_text_features(
             input_ids, attention_mask=attention_mask, position_ids=position_ids

@@ -33,12 +33,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -47,6 +44,7 @@ import torch
 from transformers import CLIPVisionModel
 
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.io.outputs import OutputExistsError, atomic_output_dir
 from hf_wemoe.toy.evaluate_world import evaluate_world
 from hf_wemoe.toy.manifest import BASE_NAME, MANIFEST_FILE, RECIPE_VERSION, ZooManifest, default_zoo_dir
 from hf_wemoe.toy.models import (
@@ -71,6 +69,7 @@ from hf_wemoe.toy.training import (
     pretrain_clip,
     zero_shot_head,
 )
+from hf_wemoe.utils.progress import log_stage, progress, progress_bar, quiet_libraries
 
 __all__ = [
     "BASE_NAME",
@@ -161,25 +160,6 @@ def _resolve_preset(preset: str | ToyZooPreset) -> ToyZooPreset:
     return PRESETS[preset]
 
 
-@contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """Silence the per-call progress bars of transformers and datasets (the build shows its own)."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    hf_on = hf_logging.is_progress_bar_enabled()
-    ds_on = datasets.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if hf_on:
-            hf_logging.enable_progress_bar()
-        if ds_on:
-            datasets.enable_progress_bars()
-
-
 def _save_dataset(path: Path, task: str, splits: dict[str, tuple[list[np.ndarray], list[int]]]) -> None:
     from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features
     from datasets import Image as ImageFeature
@@ -221,17 +201,20 @@ def build_toy_zoo(
     output_dir: str | os.PathLike,
     preset: str | ToyZooPreset = "full",
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = None,
     overwrite: bool = False,
     workers: int | None = None,
 ) -> ZooManifest:
     """Build a toy zoo into ``output_dir`` and return its manifest.
 
     ``workers`` processes fine-tune the experts (default :func:`default_workers`); the files do not depend on it.
+    ``progress``: None follows the package's progress policy (bars on a terminal, log lines elsewhere).
 
-    The zoo is built in a temporary folder beside ``output_dir`` and renamed into place at the end, so an
-    interrupted build never leaves a half-written zoo behind. ``preset`` is ``"full"`` (about 4 minutes on
-    two CPU cores), ``"small"`` (about a minute, for tests) or a :class:`ToyZooPreset`.
+    The zoo is built in a hidden staging folder beside ``output_dir`` and renamed into place at the end
+    (:func:`hf_wemoe.io.outputs.atomic_output_dir`), so an interrupted build never leaves a half-written zoo
+    behind. Only a toy zoo or an empty folder is ever replaced; a zoo that another build finished first is
+    kept. ``preset`` is ``"full"`` (about 4 minutes on two CPU cores), ``"small"`` (about a minute, for tests)
+    or a :class:`ToyZooPreset`.
 
     Raises:
         WEMoEError: unknown preset, or ``output_dir`` exists and ``overwrite`` is false.
@@ -242,24 +225,13 @@ def build_toy_zoo(
         if not overwrite:
             raise WEMoEError(f"{target} already exists; pass overwrite=True (CLI: --force) to rebuild it")
         _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh private staging folder: concurrent builds of the same zoo never share one.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp's private mode would otherwise stick to the finished zoo
     try:
-        manifest = _build_into(tmp, spec, seed, progress, workers or default_workers())
-        if target.exists():
-            if not overwrite:
-                # Another process finished the same zoo first: keep theirs.
-                shutil.rmtree(tmp)
-                return ZooManifest.load(target)
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / "zoo"
-            target.rename(old)
-            shutil.rmtree(old.parent)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # A fresh staging folder: concurrent builds of the same zoo never share one.
+        with atomic_output_dir(target, overwrite=overwrite, replaceable=_check_replaceable) as staging:
+            manifest = _build_into(staging, spec, seed, progress, workers or default_workers())
+    except OutputExistsError:
+        # Another process finished the same zoo first: keep theirs.
+        return ZooManifest.load(target)
     manifest.root = target
     return manifest
 
@@ -340,10 +312,7 @@ def _finetune_forked_job(position: int) -> tuple[str, dict]:
     return _finetune_job(_FORKED_JOBS[position])
 
 
-def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool, workers: int) -> ZooManifest:
-    from tqdm.auto import tqdm
-
-
+def _build_into(root: Path, spec: ToyZooPreset, seed: int, show: bool | None, workers: int) -> ZooManifest:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     tasks = list(spec.tasks)
@@ -353,11 +322,12 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool, worke
         "experts": {t: f"models/{BASE_NAME}_{t}" for t in tasks},
         "datasets": {t: f"datasets/{t}" for t in tasks},
     }
-    with _quiet_libraries(), deterministic_torch():
+    log_stage(f"toy zoo ({spec.name} preset, seed {seed}): building into {root.parent}", show)
+    with quiet_libraries(datasets=True), deterministic_torch():
         # 1. Datasets (saved) and the pretraining corpus (memory only).
         t0 = time.perf_counter()
         train, pretrain = {}, {}
-        for task in tqdm(tasks, desc="toy datasets", disable=not progress, leave=False):
+        for task in progress(tasks, "toy datasets", unit="task", show=show):
             splits = {
                 "train": generate_split(task, "train", spec.n_train, seed, spec.domain_shift),
                 "test": generate_split(task, "test", spec.n_test, seed, spec.domain_shift),
@@ -375,7 +345,7 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool, worke
 
         model = CLIPModel(build_clip_config(tokenizer, spec.sizes))
         with deterministic_torch(PRETRAIN_THREADS):
-            pretrain_clip(model, tokenizer, pretrain, spec.pretrain, seed=seed, progress=progress)
+            pretrain_clip(model, tokenizer, pretrain, spec.pretrain, seed=seed, progress=show)
         base_dir = root / base_rel
         model.save_pretrained(base_dir)
         build_processor(tokenizer).save_pretrained(base_dir)
@@ -413,16 +383,16 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool, worke
             )
             for index, task in enumerate(tasks)
         ]
-        bar = tqdm(total=len(jobs), desc="fine-tune experts", disable=not progress, leave=False)
-        for task, state in _run_expert_jobs(jobs, workers):
-            vision = copy.deepcopy(model.vision_model)
-            vision.load_state_dict(state)
-            expert_dir = root / paths["experts"][task]
-            vision.save_pretrained(expert_dir)
-            image_processor.save_pretrained(expert_dir)
-            bar.set_postfix(done=task)
-            bar.update(1)
-        bar.close()
+        processes = max(1, min(workers, len(jobs)))
+        stage = f"fine-tune experts ({processes} process{'es' if processes > 1 else ''})"
+        with progress_bar(len(jobs), stage, "expert", show) as bar:
+            for task, state in _run_expert_jobs(jobs, workers):
+                vision = copy.deepcopy(model.vision_model)
+                vision.load_state_dict(state)
+                expert_dir = root / paths["experts"][task]
+                vision.save_pretrained(expert_dir)
+                image_processor.save_pretrained(expert_dir)
+                bar.update(1, done=task)
         timings["experts"] = time.perf_counter() - t0
 
     manifest = ZooManifest(
@@ -446,7 +416,7 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, progress: bool, worke
     )
     # 4. Measure the world from the saved files.
     t0 = time.perf_counter()
-    manifest.accuracies = evaluate_world(manifest, progress=progress)
+    manifest.accuracies = evaluate_world(manifest, progress=show)
     timings["evaluate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     manifest.timings = {k: round(v, 2) for k, v in timings.items()}
@@ -458,7 +428,7 @@ def get_toy_zoo(
     preset: str | ToyZooPreset = "full",
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     force: bool = False,
     workers: int | None = None,
 ) -> ZooManifest:

@@ -3,7 +3,9 @@
 Run ``python -m hf_wemoe.toy.evaluate_world [ZOO_DIR]`` to print the table of a built zoo. Every number is
 top-1 accuracy on a task's test split with the zero-shot head built from the base model's text tower and the
 task's own templates (``TASKS[task].templates``); image embeddings use the base model's
-``visual_projection`` (experts never change it).
+``visual_projection`` (experts never change it). Merges and accuracy are the package's own: task arithmetic
+from :func:`hf_wemoe.merging.static.task_arithmetic`, accuracy from :func:`hf_wemoe.evaluation.task_accuracy`
+(the zero-shot classifier and the packaged accuracy metric that ``hf-wemoe eval`` uses).
 
 Rows:
 - ``zero_shot``: the pretrained base vision tower.
@@ -26,13 +28,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
+from hf_wemoe.evaluation import task_accuracy
+from hf_wemoe.merging.static import task_arithmetic
 from hf_wemoe.toy.manifest import ZooManifest, default_zoo_dir
 from hf_wemoe.toy.models import to_pixel_values
-from hf_wemoe.toy.training import TaskData, accuracy, deterministic_torch, is_mlp_key, zero_shot_head
+from hf_wemoe.toy.training import TaskData, deterministic_torch, is_mlp_key, zero_shot_head
+from hf_wemoe.utils.progress import progress as report_progress
+from hf_wemoe.utils.progress import quiet_libraries
+from hf_wemoe.zeroshot.classifier import ZeroShotClassifier
+from hf_wemoe.zeroshot.heads import ZeroShotHead
 
 __all__ = ["ROWS", "evaluate_world", "format_table", "main", "merge_state_dicts"]
+
+# Images per forward pass when measuring accuracy.
+EVAL_BATCH_SIZE = 512
 
 #: Row keys of the world table, in display order, with their labels.
 ROWS: dict[str, str] = {
@@ -51,14 +61,12 @@ def merge_state_dicts(
     experts: Sequence[Mapping[str, torch.Tensor]],
     scale: float,
 ) -> StateDict:
-    """``base + scale * sum_k (expert_k - base)`` for every tensor (task arithmetic; 1/K gives averaging)."""
-    merged = {}
-    for key, value in base.items():
-        delta = torch.zeros_like(value)
-        for expert in experts:
-            delta += expert[key] - value
-        merged[key] = value + scale * delta
-    return merged
+    """``base + scale * sum_k (expert_k - base)`` for every tensor (task arithmetic; 1/K gives averaging), in
+    each tensor's dtype."""
+    return {
+        key: task_arithmetic(value, [expert[key] for expert in experts], scale).to(value.dtype)
+        for key, value in base.items()
+    }
 
 
 def _load_test(path: Path) -> TaskData:
@@ -69,49 +77,50 @@ def _load_test(path: Path) -> TaskData:
     return TaskData(to_pixel_values(arrays), torch.tensor(test["label"], dtype=torch.long))
 
 
-def evaluate_world(zoo, lam: float = 0.3, progress: bool = False) -> dict[str, dict[str, float]]:
+def evaluate_world(zoo, lam: float = 0.3, progress: bool | None = False) -> dict[str, dict[str, float]]:
     """Evaluate a built toy zoo; returns ``{row: {task: accuracy, ..., "average": mean}}`` (fractions).
 
     ``zoo`` is a zoo folder (with ``zoo.json``) or a :class:`~hf_wemoe.toy.manifest.ZooManifest`.
     """
     from transformers import AutoTokenizer, CLIPModel
-    from transformers.utils import logging as hf_logging
 
     manifest = zoo if isinstance(zoo, ZooManifest) else ZooManifest.load(zoo)
     tasks = list(manifest.tasks)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with deterministic_torch():
-            base = CLIPModel.from_pretrained(manifest.base_path)
-            tokenizer = AutoTokenizer.from_pretrained(manifest.base_path)
-            heads = {t: zero_shot_head(base, tokenizer, t) for t in tasks}
-            test = {t: _load_test(manifest.dataset_path(t)) for t in tasks}
-            vision, projection = base.vision_model, base.visual_projection
-            theta0 = {k: v.clone() for k, v in vision.state_dict().items()}
-            experts = {t: load_file(str(manifest.expert_path(t) / "model.safetensors")) for t in tasks}
+    with quiet_libraries(), deterministic_torch():
+        base = CLIPModel.from_pretrained(manifest.base_path)
+        tokenizer = AutoTokenizer.from_pretrained(manifest.base_path)
+        # The toy heads score with plain cosine similarities: logit scale exp(0) = 1 leaves them unchanged.
+        heads = {t: ZeroShotHead(zero_shot_head(base, tokenizer, t), 0.0) for t in tasks}
+        test = {t: _load_test(manifest.dataset_path(t)) for t in tasks}
+        vision = base.vision_model
+        classifier = ZeroShotClassifier(vision, base.visual_projection)
+        theta0 = {k: v.clone() for k, v in vision.state_dict().items()}
+        experts = {t: load_file(str(manifest.expert_path(t) / "model.safetensors")) for t in tasks}
 
-            def score(state: Mapping[str, torch.Tensor], task: str) -> float:
-                vision.load_state_dict(state)
-                return accuracy(vision, projection, heads[task], test[task])
+        def score(state: Mapping[str, torch.Tensor], task: str) -> float:
+            vision.load_state_dict(state)
+            return task_accuracy(classifier, heads[task], _batches(test[task]))
 
-            table: dict[str, dict[str, float]] = {row: {} for row in ROWS}
-            ta = merge_state_dicts(theta0, list(experts.values()), lam)
-            avg = merge_state_dicts(theta0, list(experts.values()), 1.0 / len(tasks))
-            bar = tqdm(tasks, desc="evaluate toy world", disable=not progress, leave=False)
-            for task in bar:
-                oracle = {k: (experts[task][k] if is_mlp_key(k) else v) for k, v in ta.items()}
-                table["zero_shot"][task] = score(theta0, task)
-                table["expert"][task] = score(experts[task], task)
-                table["simple_average"][task] = score(avg, task)
-                table["task_arithmetic"][task] = score(ta, task)
-                table["oracle_routing"][task] = score(oracle, task)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
+        table: dict[str, dict[str, float]] = {row: {} for row in ROWS}
+        ta = merge_state_dicts(theta0, list(experts.values()), lam)
+        avg = merge_state_dicts(theta0, list(experts.values()), 1.0 / len(tasks))
+        for task in report_progress(tasks, "evaluate toy world", unit="task", show=progress):
+            oracle = {k: (experts[task][k] if is_mlp_key(k) else v) for k, v in ta.items()}
+            table["zero_shot"][task] = score(theta0, task)
+            table["expert"][task] = score(experts[task], task)
+            table["simple_average"][task] = score(avg, task)
+            table["task_arithmetic"][task] = score(ta, task)
+            table["oracle_routing"][task] = score(oracle, task)
     for row in table.values():
         row["average"] = float(np.mean([row[t] for t in tasks]))
     return table
+
+
+def _batches(data: TaskData) -> list[dict[str, torch.Tensor]]:
+    return [
+        {"pixel_values": data.pixels[i : i + EVAL_BATCH_SIZE], "labels": data.labels[i : i + EVAL_BATCH_SIZE]}
+        for i in range(0, len(data.labels), EVAL_BATCH_SIZE)
+    ]
 
 
 def format_table(table: Mapping[str, Mapping[str, float]]) -> str:
@@ -143,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"error: no toy zoo at {zoo}; build one with `hf-wemoe toy-zoo --output {zoo}`", file=sys.stderr
         )
         return 2
-    table = evaluate_world(zoo, lam=args.lam, progress=sys.stderr.isatty())
+    table = evaluate_world(zoo, lam=args.lam, progress=None)
     print(json.dumps(table, indent=2) if args.json else format_table(table))
     return 0
 

@@ -1,4 +1,5 @@
-"""Training and evaluation loops of the toy zoo: CLIP pretraining, expert fine-tuning, zero-shot heads.
+"""Training loops of the toy zoo: CLIP pretraining, expert fine-tuning, zero-shot heads (its accuracy is the
+package's own, see `hf_wemoe.toy.evaluate_world`).
 
 Everything runs on CPU in fp32 with seeded generators, so a build is bitwise reproducible for a fixed
 torch version, thread count and CPU (see :func:`deterministic_torch`).
@@ -14,10 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModel
 
 from hf_wemoe.toy.tasks import TASKS
+from hf_wemoe.utils.progress import ProgressBar, progress_bar
 
 __all__ = [
     "BUILD_THREADS",
@@ -26,7 +27,6 @@ __all__ = [
     "PreserveData",
     "PretrainRecipe",
     "TaskData",
-    "accuracy",
     "deterministic_torch",
     "finetune_expert",
     "is_mlp_key",
@@ -123,14 +123,14 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _optimizer_step(loss: torch.Tensor, optim: torch.optim.Optimizer, sched, bar) -> float:
-    """One optimisation step on ``loss`` (and the schedule); shows and returns the loss."""
+def _optimizer_step(loss: torch.Tensor, optim: torch.optim.Optimizer, sched, bar: ProgressBar) -> float:
+    """One optimisation step on ``loss`` (and the schedule); reports and returns the loss."""
     optim.zero_grad(set_to_none=True)
     loss.backward()
     optim.step()
     sched.step()
     value = float(loss.detach())
-    bar.set_postfix(loss=f"{value:.3f}")
+    bar.update(1, loss=f"{value:.3f}")
     return value
 
 
@@ -177,31 +177,13 @@ def layer_states(vision: CLIPVisionModel, pixels: torch.Tensor, batch_size: int 
     )
 
 
-@torch.no_grad()
-def accuracy(
-    vision: CLIPVisionModel,
-    projection: nn.Linear,
-    head: torch.Tensor,
-    data: TaskData,
-    batch_size: int = 512,
-) -> float:
-    """Top-1 accuracy of ``vision`` + ``projection`` against a zero-shot ``head`` on ``data``."""
-    vision.eval()
-    correct = 0
-    for start in range(0, len(data.labels), batch_size):
-        pixels = data.pixels[start : start + batch_size]
-        logits = _image_embeddings(vision, projection, pixels) @ head.T
-        correct += int((logits.argmax(dim=-1) == data.labels[start : start + batch_size]).sum())
-    return correct / max(1, len(data.labels))
-
-
 def pretrain_clip(
     model: CLIPModel,
     tokenizer: CLIPTokenizer,
     train: Mapping[str, TaskData],
     recipe: PretrainRecipe,
     seed: int,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[float]:
     """Contrastive (CLIP) pretraining on captioned images of every task; returns the loss curve.
 
@@ -238,8 +220,8 @@ def pretrain_clip(
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _schedule(s, recipe.steps, recipe.warmup))
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(recipe.steps), desc="pretrain base CLIP", disable=not progress, leave=False)
-    for _ in bar:
+    bar = progress_bar(recipe.steps, "pretrain base CLIP", unit="step", show=progress)
+    for _ in range(recipe.steps):
         task_idx = torch.randint(len(tasks), (recipe.batch_size,), generator=gen)
         pixels, classes, caption_idx = [], [], []
         for t in range(len(tasks)):
@@ -270,6 +252,7 @@ def pretrain_clip(
             + torch.sum(-targets * F.log_softmax(logits.T, dim=1), dim=1).mean()
         )
         losses.append(_optimizer_step(loss, optim, sched, bar))
+    bar.close()
     model.eval()
     return losses
 
@@ -281,7 +264,7 @@ def finetune_expert(
     train: TaskData,
     recipe: FinetuneRecipe,
     seed: int,
-    progress: bool = True,
+    progress: bool | None = None,
     desc: str = "fine-tune",
     logit_scale: float = 100.0,
     preserve: PreserveData | None = None,
@@ -318,8 +301,8 @@ def finetune_expert(
     cursor = 0
     losses: list[float] = []
     vision.train()
-    bar = tqdm(range(recipe.steps), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
+    bar = progress_bar(recipe.steps, desc, unit="step", show=progress)
+    for _ in range(recipe.steps):
         if cursor + recipe.batch_size > n:
             order, cursor = torch.randperm(n, generator=gen), 0
         rows = order[cursor : cursor + recipe.batch_size]
@@ -331,6 +314,7 @@ def finetune_expert(
             drift = _layer_states(vision, preserve.pixels[picked]) - preserve.targets[picked]
             loss = loss + recipe.preserve_weight * drift.pow(2).mean(dim=(0, 2, 3)).sum()
         losses.append(_optimizer_step(loss, optim, sched, bar))
+    bar.close()
     vision.eval()
     vision.requires_grad_(True)
     return losses

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
 from hf_wemoe.evaluation import EvalResult, evaluate_tasks, markdown_table, write_results
-from hf_wemoe.models.configuration_wemoe import ROUTING_MODES
+from hf_wemoe.io.outputs import check_output_file
+from hf_wemoe.models.configuration_wemoe import RoutingMode
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
 from hf_wemoe.workflows.tasks import TaskOptions, load_tasks, routing_mode
-
-RoutingMode = Literal[ROUTING_MODES]  # type: ignore[valid-type]
 
 
 class EvalConfig(TaskOptions):
@@ -26,11 +23,13 @@ class EvalConfig(TaskOptions):
 
 def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
     """Evaluate a WEMoE or plain CLIP vision model; prints nothing, returns the result and writes the JSON."""
+    check_output_file(config.output_json, "--output-json")  # before the evaluation, not after it
     classifier, tasks, _ = load_tasks(config, require_labels=True)
     if config.routing and isinstance(classifier.vision_model, WEMoECLIPVisionModel):
-        classifier.vision_model.config.routing = config.routing
+        classifier.vision_model.set_routing(config.routing)
     device = config.device or default_device()
     classifier.to(device)
+    classifier.check_runs(f"the model {config.model}")
     result = evaluate_tasks(classifier, tasks, config.eval_batch_size, device, progress=progress)
     payload = {
         "model": config.model,

@@ -10,7 +10,6 @@ the same code as `hf-wemoe merge` and `hf-wemoe train`; evaluation uses the same
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,9 +18,12 @@ from pathlib import Path
 import torch
 
 from hf_wemoe.adaptation import TrainOptions, adapt_routers
-from hf_wemoe.evaluation import evaluate_tasks
+from hf_wemoe.evaluation import evaluate_tasks, write_results
 from hf_wemoe.merging.recipe import MergeRecipe
+from hf_wemoe.merging.registry import get_method
+from hf_wemoe.utils.progress import quiet_libraries
 from hf_wemoe.workflows.merge import run_merge
+from hf_wemoe.workflows.suites import Suite, SuiteTask
 from hf_wemoe.zeroshot.classifier import (
     ClassificationTask,
     ZeroShotClassifier,
@@ -31,43 +33,27 @@ from hf_wemoe.zeroshot.classifier import (
     prepare_tasks,
 )
 
-STATIC_METHODS = ("average", "task-arithmetic", "ties")
-MOE_METHODS = ("wemoe", "e-wemoe")
-
-
-@dataclass
-class SuiteTask:
-    """One task of an experiment: its expert, its test data (also the unlabelled adaptation data) and templates."""
-
-    name: str
-    expert: str
-    dataset: str
-    templates: str | None = None
-
-
-@dataclass
-class Suite:
-    """A pretrained CLIP model (with text tower) and its tasks."""
-
-    name: str
-    base: str
-    tasks: list[SuiteTask]
-
-    @property
-    def task_names(self) -> list[str]:
-        return [task.name for task in self.tasks]
+# Rows that are not merges: the pretrained model, each expert on its own task, and the oracle-routing bound
+# (computed from the first MoE merge with dense task vectors, shown after it).
+PRETRAINED, INDIVIDUAL, ORACLE = "pretrained", "individual", "oracle"
+DEFAULT_METHODS = (PRETRAINED, INDIVIDUAL, "average", "task-arithmetic", "ties", "wemoe", "e-wemoe", ORACLE)
 
 
 @dataclass
 class ExperimentOptions:
-    """What to run and how long to adapt."""
+    """What to run and how long to adapt.
 
-    methods: Sequence[str] = ("pretrained", "individual", *STATIC_METHODS, *MOE_METHODS, "oracle")
+    `methods` lists the rows in order: merge method names (any registered method: static ones are evaluated as
+    merged, MoE ones after router adaptation) and `pretrained`, `individual` and `oracle`.
+    """
+
+    methods: Sequence[str] = DEFAULT_METHODS
     scaling: float = 0.3
     train: TrainOptions = field(default_factory=TrainOptions)
     eval_batch_size: int = 128
     device: str | None = None
-    progress: bool = True
+    progress: bool | None = None
+    """Progress of evaluation, adaptation and downloads: None follows the package's policy, False shows none."""
 
 
 @dataclass
@@ -99,8 +85,14 @@ def run_experiment(
 ) -> list[ResultRow]:
     """Merge, adapt and evaluate every method of `options` on `suite`; models are written under `workdir`."""
     options = options or ExperimentOptions()
+    methods = {name: get_method(name) for name in options.methods if name not in (PRETRAINED, INDIVIDUAL, ORACLE)}
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with quiet_libraries(options.progress):
+        return _run(suite, workdir, options, methods, log)
+
+
+def _run(suite: Suite, workdir: Path, options: ExperimentOptions, methods: dict, log) -> list[ResultRow]:
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     processor = load_image_processor(suite.base)
     projection = load_visual_projection(suite.base)
@@ -108,8 +100,9 @@ def run_experiment(
         {task.name: task.dataset for task in suite.tasks},
         suite.base,
         processor,
-        templates=[f"{task.name}={task.templates}" for task in suite.tasks if task.templates],
+        templates={task.name: task.templates for task in suite.tasks if task.templates is not None},
         require_labels=True,
+        progress=options.progress,
     )
     by_name = {task.name: task for task in tasks}
     rows: list[ResultRow] = []
@@ -124,11 +117,11 @@ def run_experiment(
     def timed(label: str):
         log(f"[{time.strftime('%H:%M:%S')}] {label}")
 
-    if "pretrained" in options.methods:
+    if PRETRAINED in options.methods:
         timed("evaluating the pretrained model (zero-shot)")
         vision, _ = load_vision_model(suite.base)
         rows.append(ResultRow("pretrained (zero-shot)", None, evaluate(vision, tasks)))
-    if "individual" in options.methods:
+    if INDIVIDUAL in options.methods:
         timed("evaluating every expert on its own task")
         accuracy = {}
         for task in suite.tasks:
@@ -136,33 +129,25 @@ def run_experiment(
             accuracy.update(evaluate(vision, [by_name[task.name]]))
         rows.append(ResultRow("individual experts", None, accuracy))
     experts = {task.name: task.expert for task in suite.tasks}
-    for method in STATIC_METHODS:
-        if method not in options.methods:
-            continue
-        timed(f"merging with {method}")
-        output = workdir / method
-        merge_options = {"scaling": options.scaling} if method != "average" else {}
-        run_merge(
-            MergeRecipe(base=suite.base, experts=experts, method=method, **merge_options),
-            output,
-            overwrite=True,
-            show_progress=False,
+    oracle_wanted = ORACLE in options.methods
+    for name, method in methods.items():
+        what = f" and adapting its routers ({options.train.steps} steps)" if method.is_moe else ""
+        timed(f"merging with {name}{what}")
+        output = workdir / name
+        recipe = MergeRecipe(
+            base=suite.base,
+            experts=experts,
+            method=name,
+            **({"scaling": options.scaling} if "scaling" in method.parameters else {}),
         )
+        run_merge(recipe, output, overwrite=True, show_progress=False)
         vision, _ = load_vision_model(str(output))
-        rows.append(ResultRow(method, None, evaluate(vision, tasks)))
-    for method in MOE_METHODS:
-        if method not in options.methods:
+        if not method.is_moe:
+            rows.append(ResultRow(name, None, evaluate(vision, tasks)))
             continue
-        timed(f"merging with {method} and adapting its routers ({options.train.steps} steps)")
-        merged = workdir / method
-        run_merge(
-            MergeRecipe(base=suite.base, experts=experts, method=method, scaling=options.scaling),
-            merged,
-            overwrite=True,
-            show_progress=False,
-        )
-        vision, _ = load_vision_model(str(merged))
-        if method == "wemoe" and "oracle" in options.methods:
+        oracle = None
+        # Collapsing to one expert gives that expert's own MLPs only when the task vectors are dense.
+        if oracle_wanted and not recipe.resolved().sparsity:
             timed("evaluating the oracle-routing bound (each task's own expert MLPs)")
             accuracy = {}
             for index, task in enumerate(suite.tasks):
@@ -170,11 +155,12 @@ def run_experiment(
                 one_hot[index] = 1.0
                 accuracy.update(evaluate(vision.collapse(one_hot), [by_name[task.name]]))
             oracle = ResultRow("oracle routing (upper bound)", None, accuracy)
+            oracle_wanted = False
         classifier = ZeroShotClassifier(vision, projection)
         adapt_routers(classifier, tasks, options.train, progress=options.progress)
-        vision.save_pretrained(workdir / f"{method}-adapted")
-        rows.append(ResultRow(method, vision.config.routing, evaluate(vision, tasks)))
-        if method == "wemoe" and "oracle" in options.methods:
+        vision.save_pretrained(workdir / f"{name}-adapted")
+        rows.append(ResultRow(name, vision.config.routing, evaluate(vision, tasks)))
+        if oracle is not None:
             rows.append(oracle)
     return rows
 
@@ -189,13 +175,25 @@ def results_markdown(rows: Sequence[ResultRow], tasks: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(
+def save_results(
     rows: Sequence[ResultRow], tasks: Sequence[str], output: str | Path, preamble: str = ""
 ) -> None:
-    """Write `results.md` (the table) and `results.json` (a list of rows) into `output`."""
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.md").write_text(
-        (preamble + "\n\n" if preamble else "") + results_markdown(rows, tasks) + "\n"
+    """Write `results.json` (a list of rows) and `results.md` (the table, after `preamble`) into `output`."""
+    table = results_markdown(rows, tasks)
+    write_results(
+        Path(output) / "results.json",
+        [row.to_dict() for row in rows],
+        markdown=(preamble + "\n\n" if preamble else "") + table,
     )
-    (output / "results.json").write_text(json.dumps([row.to_dict() for row in rows], indent=2) + "\n")
+
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "ExperimentOptions",
+    "ResultRow",
+    "Suite",
+    "SuiteTask",
+    "results_markdown",
+    "run_experiment",
+    "save_results",
+]

@@ -19,18 +19,10 @@ import torch
 from torch import nn
 
 from hf_wemoe.errors import SourceError, WEMoEError
-from hf_wemoe.io.sources import PICKLE_NAME, ModelSource, SafetensorsFile
+from hf_wemoe.io.layout import CARD_NAME, CONFIG_NAME, PICKLE_NAME, TOKENIZER_CONFIG_NAME, TOKENIZER_FILES
+from hf_wemoe.io.sources import CONFIG_METADATA_FIELDS, ModelSource, SafetensorsFile
+from hf_wemoe.utils.formatting import one_line
 
-# Tokenizer files of a CLIP checkpoint (transformers 4 and 5 layouts); whichever the base has are copied.
-TOKENIZER_FILES = (
-    "tokenizer_config.json",
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-)
-CARD_NAME = "README.md"
 _TEXT_PREFIXES = ("text_model.", "text_projection.", "visual_projection.")
 
 logger = logging.getLogger(__name__)
@@ -61,8 +53,7 @@ def base_files(base: ModelSource, names: tuple[str, ...]) -> dict[str, Path]:
             name: Path(hf_hub_download(repo_id, name, revision=commit)) for name in names if name in available
         }
     except Exception as err:  # noqa: BLE001 -- network and HTTP failures become one readable line
-        message = " ".join(str(err).split()) or type(err).__name__
-        raise SourceError(f"cannot download files of '{base.reference.text}': {message}") from err
+        raise SourceError(f"cannot download files of '{base.reference.text}': {one_line(err)}") from err
 
 
 def base_license(base: ModelSource) -> dict[str, str]:
@@ -116,7 +107,7 @@ def write_full_clip(vision_folder: Path, base: ModelSource, folder: Path, max_sh
     from hf_wemoe.models.modeling_wemoe_clip import WEMoECLIPModel
 
     check_full_clip_base(base)
-    base_config = json.loads((base.folder / "config.json").read_text())
+    base_config = json.loads((base.folder / CONFIG_NAME).read_text())
     tensors = _text_tensors(base)
     missing = [name for name in ("text_projection.weight", "visual_projection.weight") if name not in tensors]
     if missing or not any(key.startswith("text_model.") for key in tensors):
@@ -125,19 +116,17 @@ def write_full_clip(vision_folder: Path, base: ModelSource, folder: Path, max_sh
             "needs the full pretrained CLIP checkpoint"
         )
     tokenizer = base_files(base, TOKENIZER_FILES)
-    if "tokenizer_config.json" not in tokenizer or not ({"tokenizer.json", "vocab.json"} & set(tokenizer)):
+    if TOKENIZER_CONFIG_NAME not in tokenizer or not ({"tokenizer.json", "vocab.json"} & set(tokenizer)):
         raise WEMoEError(
             f"'{base.reference.text}' has no tokenizer files (tokenizer_config.json with tokenizer.json or "
             "vocab.json); --full-clip saves the base's tokenizer with the model"
         )
 
-    vision_type = json.loads((vision_folder / "config.json").read_text()).get("model_type")
+    vision_type = json.loads((vision_folder / CONFIG_NAME).read_text()).get("model_type")
     is_wemoe = vision_type == WEMoECLIPVisionModel.config_class.model_type
     vision = (WEMoECLIPVisionModel if is_wemoe else CLIPVisionModel).from_pretrained(vision_folder).eval()
     text_values = {
-        k: v
-        for k, v in (base_config.get("text_config") or {}).items()
-        if k not in ("model_type", "architectures")
+        k: v for k, v in (base_config.get("text_config") or {}).items() if k not in CONFIG_METADATA_FIELDS
     }
     text_config = CLIPTextConfig(**text_values)
     config_class, model_class = (WEMoECLIPConfig, WEMoECLIPModel) if is_wemoe else (CLIPConfig, CLIPModel)

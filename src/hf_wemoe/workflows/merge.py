@@ -1,37 +1,33 @@
 """The merge workflow behind `hf-wemoe merge`: resolve sources, check them, merge, write the folder atomically.
 
-The output is written into a temporary folder beside the target (`<output>.tmp-XXXX`) and renamed into place at
-the end, so a failed or interrupted merge leaves no partial output behind. With `full_clip`, the merged vision
-tower is combined with the base's text tower into a full CLIP model. The workflow never pushes: `hf-wemoe merge
---push-to-hub` pushes the finished folder afterwards (see `hf_wemoe.hub.push`).
+The output is written into a hidden staging folder beside the target and renamed into place at the end
+(`hf_wemoe.io.outputs.atomic_output_dir`), so a failed or interrupted merge leaves no partial output behind.
+With `full_clip`, the merged vision tower is combined with the base's text tower into a full CLIP model. The
+workflow never pushes: `hf-wemoe merge --push-to-hub` pushes the finished folder afterwards (see
+`hf_wemoe.hub.push`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import sys
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
 from hf_wemoe.hub.cards import merge_card
+from hf_wemoe.io.layout import CARD_NAME, MERGE_CONFIG_NAME, PREPROCESSOR_NAME
+from hf_wemoe.io.outputs import atomic_output_dir, check_output_dir
 from hf_wemoe.io.sources import ModelSource, open_source, parse_reference
 from hf_wemoe.io.weights import count_parameters, folder_size
-from hf_wemoe.merging.base import MergeJob, Progress, no_progress
+from hf_wemoe.merging.base import MergeJob, Progress
 from hf_wemoe.merging.recipe import MergeRecipe
 from hf_wemoe.utils.config_files import dump_yaml
 from hf_wemoe.utils.formatting import format_size, parse_size
+from hf_wemoe.utils.progress import progress, progress_enabled, quiet_libraries
 from hf_wemoe.workflows.full_clip import base_license, check_full_clip_base, write_full_clip
-
-MERGE_CONFIG_NAME = "merge_config.yaml"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-CARD_NAME = "README.md"
 
 # Config fields that change what a model computes without changing any tensor shape.
 _ARCHITECTURE_FIELDS = (
@@ -68,11 +64,13 @@ class MergeSummary:
         )
 
 
-def tqdm_progress(iterable: Iterable, description: str = "", total: int | None = None) -> Iterable:
-    """A `Progress` drawing a tqdm bar on stderr."""
-    from tqdm.auto import tqdm
+def merge_progress(show: bool | None = None) -> Progress:
+    """The `Progress` of a merge under the package's progress policy (`hf_wemoe.utils.progress`)."""
 
-    return tqdm(iterable, desc=description, total=total, unit="tensor", file=sys.stderr, dynamic_ncols=True)
+    def report(iterable: Iterable, description: str = "", total: int | None = None) -> Iterable:
+        return progress(iterable, description, total, unit="tensor", show=show)
+
+    return report
 
 
 def check_compatible(base: ModelSource, experts: dict[str, ModelSource]) -> None:
@@ -120,7 +118,8 @@ def run_merge(
         recipe: what to merge and how (flags and/or YAML); method defaults are filled in here.
         output: the folder to write; it appears complete or not at all.
         overwrite: replace `output` if it exists (only once the new folder is complete).
-        show_progress: draw progress bars on stderr; by default only when stderr is a terminal.
+        show_progress: report progress on stderr (a bar on a terminal, log lines elsewhere); by default unless
+            `--quiet` or `HF_HUB_DISABLE_PROGRESS_BARS` (see `hf_wemoe.utils.progress`).
 
     Raises:
         WEMoEError: bad options, no output, an existing output without `overwrite`, unreadable sources
@@ -133,10 +132,9 @@ def run_merge(
         raise WEMoEError("no output folder: pass --output DIR")
     output = Path(output).expanduser().absolute()
     _check_output(output, options, overwrite)
-    show_progress = sys.stderr.isatty() if show_progress is None else show_progress
-    progress: Progress = tqdm_progress if show_progress else no_progress
+    show_progress = progress_enabled(show_progress)
 
-    with _quiet_libraries(not show_progress):
+    with quiet_libraries(show_progress):
         base = open_source(options.base, allow_pickle=options.allow_pickle)
         experts = {
             name: open_source(ref, allow_pickle=options.allow_pickle) for name, ref in options.experts.items()
@@ -150,8 +148,14 @@ def run_merge(
         )
         provenance = _provenance(base, experts, recorded)
         method = options.method_class(options)
-        job = MergeJob(options=options, base=base, experts=experts, provenance=provenance, progress=progress)
-        with _staging_folder(output) as staging:
+        job = MergeJob(
+            options=options,
+            base=base,
+            experts=experts,
+            provenance=provenance,
+            progress=merge_progress(show_progress),
+        )
+        with atomic_output_dir(output, overwrite=overwrite) as staging:
             if options.full_clip:
                 vision_folder = staging / "vision-tower"
                 vision_folder.mkdir()
@@ -171,7 +175,6 @@ def run_merge(
                 )
             )
             merge_card(staging, model_id=output.name).save(staging / CARD_NAME)
-            _install(staging, output)
     summary = MergeSummary(
         output=output,
         method=method.name,
@@ -200,12 +203,9 @@ def _provenance(base: ModelSource, experts: dict[str, ModelSource], recipe: dict
 
 
 def _check_output(output: Path, options: MergeRecipe, overwrite: bool) -> None:
-    """Refuse an existing output without overwrite, a file in the way, or an output that holds a source."""
-    if output.exists() or output.is_symlink():
-        if not output.is_dir():
-            raise WEMoEError(f"output '{output}' exists and is not a folder; choose another --output")
-        if not overwrite:
-            raise WEMoEError(f"output folder '{output}' already exists; pass --overwrite to replace it")
+    """Refuse an existing output without overwrite, a file in the way, a place where nothing can be written, or an
+    output that holds a source."""
+    check_output_dir(output, overwrite)
     for ref in [options.base, *options.experts.values()]:
         try:
             parsed = parse_reference(ref)
@@ -217,74 +217,4 @@ def _check_output(output: Path, options: MergeRecipe, overwrite: bool) -> None:
             )
 
 
-@contextlib.contextmanager
-def _staging_folder(output: Path) -> Iterator[Path]:
-    """A fresh folder beside `output`; removed (with any parent folders created for it) unless installed."""
-    created = [parent for parent in [output.parent, *output.parent.parents] if not parent.exists()]
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{output.name}.tmp-", dir=output.parent))
-    except OSError as err:
-        raise WEMoEError(f"cannot create a folder beside '{output}': {err.strerror or err}") from err
-    try:
-        # mkdtemp creates the folder private (0700); the output gets the permissions of any new folder.
-        os.chmod(staging, 0o777 & ~_umask())
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for parent in created:  # innermost first
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
-
-
-def _install(staging: Path, output: Path) -> None:
-    """Rename the finished folder into place, replacing an existing output only once the new one is complete."""
-    # Some writers create files through private temporary files (0600); give them the usual permissions.
-    for path in staging.rglob("*"):
-        if path.is_file():
-            os.chmod(path, 0o666 & ~_umask())
-    old = None
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{output.name}.old-", dir=output.parent))
-        os.replace(output, old / output.name)
-    try:
-        os.replace(staging, output)
-    except BaseException:
-        if old is not None:
-            os.replace(old / output.name, output)
-            old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-@contextlib.contextmanager
-def _quiet_libraries(quiet: bool) -> Iterator[None]:
-    """Silence the download and save progress bars of huggingface_hub and transformers when asked."""
-    if not quiet:
-        yield
-        return
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    hub_was_disabled = are_progress_bars_disabled()
-    transformers_was_enabled = transformers_logging.is_progress_bar_enabled()
-    disable_progress_bars()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if not hub_was_disabled:
-            enable_progress_bars()
-        if transformers_was_enabled:
-            transformers_logging.enable_progress_bar()
-
-
-__all__ = ["MergeSummary", "check_compatible", "format_size", "run_merge", "tqdm_progress"]
+__all__ = ["MergeSummary", "check_compatible", "merge_progress", "run_merge"]

@@ -10,6 +10,7 @@ from hf_wemoe.errors import WEMoEError
 from hf_wemoe.zeroshot.classifier import (
     ClassificationTask,
     ZeroShotClassifier,
+    check_projection,
     default_clip_ref,
     load_image_processor,
     load_vision_model,
@@ -55,6 +56,11 @@ class TaskOptions(BaseModel):
     label_column: str | None = Field(
         None, description="label column", json_schema_extra={"default_text": "detected"}
     )
+    allow_pickle: bool = Field(
+        False,
+        description="accept models that only have pickle weights (pytorch_model.bin); unpickling files from "
+        "untrusted sources can execute arbitrary code, they are loaded with torch.load(weights_only=True)",
+    )
     eval_batch_size: int = Field(128, ge=1, description="batch size for evaluation")
     device: str | None = Field(
         None, description="device for evaluation", json_schema_extra={"default_text": "cuda when available"}
@@ -80,17 +86,19 @@ def require(value: Any, flag: str) -> Any:
 
 
 def load_tasks(
-    config: TaskOptions, require_labels: bool
+    config: TaskOptions, require_labels: bool, check_labels: bool | None = None
 ) -> tuple[ZeroShotClassifier, list[ClassificationTask], Any]:
     """The classifier (vision model and projection), the tasks with their zero-shot heads, and the image
-    processor of `config`; every task's head must have one class per dataset label."""
+    processor of `config`; every task's head must have one class per dataset label (and with `check_labels`,
+    default `require_labels`, every label must be one of the head's classes)."""
     model_ref = require(config.model, "--model")
     tasks_spec = require(config.task, "--task NAME=DATASET")
-    vision, projection = load_vision_model(model_ref)
+    vision, projection = load_vision_model(model_ref, allow_pickle=config.allow_pickle)
     # A full CLIP checkpoint comes with its projection and its text tower: it gives its own zero-shot heads.
     clip_ref = default_clip_ref(vision, model_ref, config.clip_model, has_text_tower=projection is not None)
     if projection is None:
-        projection = load_visual_projection(clip_ref)
+        projection = load_visual_projection(clip_ref, allow_pickle=config.allow_pickle)
+    check_projection(vision, projection, model_ref, clip_ref)
     processor = load_image_processor(model_ref, clip_ref)
     tasks = prepare_tasks(
         tasks_spec,
@@ -101,6 +109,8 @@ def load_tasks(
         image_column=config.image_column,
         label_column=config.label_column,
         require_labels=require_labels,
+        check_labels=check_labels,
+        allow_pickle=config.allow_pickle,
     )
     for task in tasks:
         labels = task.data.classnames

@@ -24,7 +24,7 @@ from hf_wemoe.evaluation import EvalResult, evaluate_tasks, write_results
 from hf_wemoe.hub.cards import MERGE_CONFIG_NAME, write_card
 from hf_wemoe.io.outputs import atomic_output_dir, check_output_dir
 from hf_wemoe.io.sources import parse_reference
-from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
 from hf_wemoe.workflows.plots import plot_routing
 from hf_wemoe.workflows.tasks import TaskOptions, load_tasks, require, routing_mode
 
@@ -96,7 +96,10 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
             data, a non-finite loss.
     """
     output = check_output_dir(require(config.output, "--output"), config.overwrite)
-    classifier, tasks, processor = load_tasks(config, require_labels=config.objective == "supervised")
+    supervised = config.objective == "supervised"
+    classifier, tasks, processor = load_tasks(
+        config, require_labels=supervised, check_labels=supervised or config.evaluate
+    )
     if not classifier.is_wemoe:
         raise WEMoEError(
             f"{config.model} is a static CLIP vision model with no routers to adapt; merge it with "
@@ -191,7 +194,7 @@ def _router_state(model: WEMoECLIPVisionModel) -> dict:
     return {
         name: parameter.detach().clone()
         for name, parameter in model.named_parameters()
-        if ".router." in f".{name}"
+        if is_router_parameter(name)
     }
 
 

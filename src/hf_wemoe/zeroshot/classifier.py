@@ -6,7 +6,7 @@ pretrained CLIP text tower. The vision side is any CLIP vision tower plus the ba
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +14,18 @@ import torch
 from torch import nn
 
 from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.io.pretrained import load_config, load_model, locate_pretrained
 from hf_wemoe.io.sources import parse_reference
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
-from hf_wemoe.zeroshot.data import ImageClassificationDataset, TaskData, load_task_dataset, parse_dataset_ref
+from hf_wemoe.utils.formatting import first_line
+from hf_wemoe.utils.progress import progress_enabled, quiet_libraries
+from hf_wemoe.zeroshot.data import (
+    ImageClassificationDataset,
+    TaskData,
+    check_label_range,
+    load_task_dataset,
+    parse_dataset_ref,
+)
 from hf_wemoe.zeroshot.heads import ZeroShotHead, load_or_build_heads
 from hf_wemoe.zeroshot.templates import load_classnames, resolve_task_templates
 
@@ -66,49 +75,67 @@ def split_model_ref(ref: str) -> tuple[str, str | None]:
     return (str(parsed.path), None) if parsed.is_local else (parsed.repo_id, parsed.revision)
 
 
-def load_vision_model(ref: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, nn.Linear | None]:
+def load_vision_model(
+    ref: str, dtype: torch.dtype | None = None, *, allow_pickle: bool = False
+) -> tuple[nn.Module, nn.Linear | None]:
     """Load a vision tower: a WEMoE model, a `CLIPVisionModel`, or a full `CLIPModel` (its vision tower).
 
-    Returns `(vision_model, visual_projection)`; the projection is None unless the checkpoint has one.
-    """
-    from transformers import AutoConfig, AutoModel, CLIPModel, CLIPVisionModel
+    Returns `(vision_model, visual_projection)`; the projection is None unless the checkpoint has one. The
+    weights must fit the config exactly, and pickle weights load only with `allow_pickle` (see
+    `hf_wemoe.io.pretrained`).
 
-    repo, revision = split_model_ref(ref)
-    try:
-        config = AutoConfig.from_pretrained(repo, revision=revision)
-    except (OSError, ValueError) as err:
-        raise SourceError(f"cannot load model {ref}: {_first_line(err)}") from err
-    kwargs = {"revision": revision, **({"dtype": dtype} if dtype is not None else {})}
-    try:
-        if config.model_type == "clip":
-            clip = CLIPModel.from_pretrained(repo, **kwargs)
-            return clip.vision_model, clip.visual_projection
-        if config.model_type == "wemoe_clip":  # a full CLIP with a WEMoE vision tower
-            clip = AutoModel.from_pretrained(repo, **kwargs)
-            return clip.vision_model, clip.visual_projection
-        if config.model_type == "clip_vision_model":
-            return CLIPVisionModel.from_pretrained(repo, **kwargs), None
-        model = AutoModel.from_pretrained(repo, **kwargs)
-    except (OSError, ValueError) as err:
-        raise SourceError(f"cannot load model {ref}: {_first_line(err)}") from err
+    Raises:
+        SourceError: a missing folder, an unreachable or unknown Hub repo, refused pickle weights, a config that
+            is invalid or does not match the weights (naming the first tensor), a corrupt file.
+        WEMoEError: a model that is not a CLIP vision tower.
+    """
+    from transformers import AutoModel, CLIPModel, CLIPVisionModel
+
+    location = locate_pretrained(ref, allow_pickle=allow_pickle)
+    config = load_config(location)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if config.model_type in ("clip", "wemoe_clip"):  # a full CLIP (with a plain or a WEMoE vision tower)
+        clip = load_model(CLIPModel if config.model_type == "clip" else AutoModel, location, **kwargs)
+        return clip.vision_model, clip.visual_projection
+    if config.model_type == "clip_vision_model":
+        # A CLIPVisionModelWithProjection checkpoint also holds a projection; the base's is used, as always.
+        model = load_model(CLIPVisionModel, location, ignore_unexpected=("visual_projection.",), **kwargs)
+        return model, None
+    model = load_model(AutoModel, location, **kwargs)
     if not isinstance(model, WEMoECLIPVisionModel):
         raise WEMoEError(f"{ref} is a {type(model).__name__}; expected a CLIP vision tower or a WEMoE model")
     return model, None
 
 
-def load_visual_projection(clip_ref: str) -> nn.Linear:
+def load_visual_projection(clip_ref: str, *, allow_pickle: bool = False) -> nn.Linear:
     """The `visual_projection` of a full CLIP model (the base the experts were fine-tuned from)."""
     from transformers import CLIPModel
 
-    repo, revision = split_model_ref(clip_ref)
     try:
-        clip = CLIPModel.from_pretrained(repo, revision=revision)
-    except (OSError, ValueError) as err:
+        location = locate_pretrained(clip_ref, allow_pickle=allow_pickle)
+        config = load_config(location, "the CLIP model")
+        if config.model_type != "clip":
+            raise SourceError(
+                f"{clip_ref} is a {config.model_type!r} model, not a full CLIP model with a text tower and a "
+                "visual projection"
+            )
+        return load_model(CLIPModel, location, "the CLIP model").visual_projection
+    except SourceError as err:
         raise SourceError(
-            f"cannot load the CLIP model {clip_ref} (its text tower and visual projection give the zero-shot "
-            f"heads): {_first_line(err)}; name it with --clip-model"
+            f"{err} (the text tower and visual projection of the CLIP model the experts were fine-tuned from give "
+            "the zero-shot heads; name it with --clip-model)"
         ) from err
-    return clip.visual_projection
+
+
+def check_projection(vision_model: nn.Module, projection: nn.Linear, model_ref: str, clip_ref: str) -> None:
+    """Raise `WEMoEError` naming both models when the projection does not take the vision tower's output."""
+    hidden = getattr(vision_model.config, "hidden_size", None)
+    if hidden is not None and projection.in_features != hidden:
+        raise WEMoEError(
+            f"the visual projection of {clip_ref} takes {projection.in_features} features, but {model_ref} outputs "
+            f"{hidden}: the two models do not belong together; name the CLIP model its experts were fine-tuned "
+            "from with --clip-model"
+        )
 
 
 def default_clip_ref(
@@ -133,16 +160,55 @@ def prepare_tasks(
     tasks: dict[str, str],
     clip_ref: str,
     image_processor: Any,
-    templates: str | Sequence[str] | None = None,
+    templates: str | Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     classnames: str | Sequence[str] | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
     require_labels: bool = False,
+    progress: bool | None = None,
+    check_labels: bool | None = None,
+    allow_pickle: bool = False,
 ) -> list[ClassificationTask]:
-    """Load every task's data and build (or fetch from the cache) its zero-shot head."""
+    """Load every task's data and build (or fetch from the cache) its zero-shot head.
+
+    `templates` and `classnames` are command-line values (one `VALUE` for every task, or `TASK=VALUE` entries);
+    `templates` may also map task names to their templates, given as lists. `progress` reports downloads and
+    head building under the package's progress policy (None: follow it; False: nothing). With `check_labels`
+    (default: `require_labels`), every label must be a class of the task's head: labels beyond the class names
+    would give a meaningless accuracy or break supervised training.
+    """
+    check_labels = require_labels if check_labels is None else check_labels
     names = list(tasks)
-    template_args = per_task_option(templates, names, "--templates")
+    if isinstance(templates, Mapping):
+        template_args = {name: templates.get(name) for name in names}
+    else:
+        template_args = per_task_option(templates, names, "--templates")
     classname_args = per_task_option(classnames, names, "--classnames")
+    with quiet_libraries(progress, datasets=True):
+        loaded, specs = _load_tasks(
+            tasks, template_args, classname_args, image_column, label_column, require_labels, check_labels
+        )
+        heads = load_or_build_heads(
+            clip_ref, specs, show_progress=progress_enabled(progress), allow_pickle=allow_pickle
+        )
+    return [
+        ClassificationTask(
+            name, loaded[name], ImageClassificationDataset(loaded[name], image_processor), heads[name]
+        )
+        for name in names
+    ]
+
+
+def _load_tasks(
+    tasks: dict[str, str],
+    template_args: Mapping[str, str | Sequence[str] | None],
+    classname_args: Mapping[str, str | None],
+    image_column: str | None,
+    label_column: str | None,
+    require_labels: bool,
+    check_labels: bool,
+) -> tuple[dict[str, TaskData], dict[str, tuple[list[str], list[str]]]]:
+    """Every task's data, and its class names and templates."""
     loaded, specs = {}, {}
     for name, reference in tasks.items():
         ref = parse_dataset_ref(reference)
@@ -165,16 +231,12 @@ def prepare_tasks(
                 f"task {name!r}: {len(names_for_task)} class names for a dataset with {len(data.classnames)} "
                 "classes; the head and the labels must match"
             )
+        if check_labels and data.label_column is not None:
+            check_label_range(name, data, len(names_for_task))
         task_templates = resolve_task_templates(name, template_args[name], ref.repo or ref.path)
         loaded[name] = data
         specs[name] = (names_for_task, task_templates)
-    heads = load_or_build_heads(clip_ref, specs, show_progress=False)
-    return [
-        ClassificationTask(
-            name, loaded[name], ImageClassificationDataset(loaded[name], image_processor), heads[name]
-        )
-        for name in names
-    ]
+    return loaded, specs
 
 
 class ZeroShotClassifier(nn.Module):
@@ -200,6 +262,23 @@ class ZeroShotClassifier(nn.Module):
             embeds, routing = self.embed(pixel_values), None
         return head(embeds.float()), routing
 
+    def check_runs(self, what: str = "the model") -> None:
+        """Run one blank image through the vision tower and the projection, so that a model which loads but cannot
+        run (corrupted sparse task vectors, a projection of another model) fails in one line before a long run.
+
+        Raises:
+            WEMoEError: naming what failed.
+        """
+        config = self.vision_model.config
+        size, channels = int(config.image_size), int(getattr(config, "num_channels", 3))
+        parameter = next(self.vision_model.parameters())
+        pixels = torch.zeros(1, channels, size, size, dtype=parameter.dtype, device=parameter.device)
+        try:
+            with torch.no_grad():
+                self.embed(pixels)
+        except (ValueError, RuntimeError, IndexError) as err:
+            raise WEMoEError(f"{what} loads but does not run: {first_line(err)}") from err
+
     def embed(self, pixel_values: torch.Tensor, output_routing_weights: bool = False):
         """Projected image embeddings (batch, dim); with `output_routing_weights`, `(embeds, routing)`."""
         kwargs = {"output_routing_weights": True} if self.is_wemoe and output_routing_weights else {}
@@ -216,16 +295,11 @@ def load_image_processor(*refs: str | None) -> Any:
     for ref in refs:
         if not ref:
             continue
-        repo, revision = split_model_ref(ref)
+        location = locate_pretrained(ref, need_weights=False)
         try:
-            return AutoImageProcessor.from_pretrained(repo, revision=revision)
+            return AutoImageProcessor.from_pretrained(location.name_or_path, **location.load_kwargs())
         except (OSError, ValueError) as err:
-            errors.append(f"{ref}: {_first_line(err)}")
+            errors.append(f"{ref}: {first_line(err)}")
     raise SourceError(
         "no image processor (preprocessor_config.json) found in " + "; ".join(errors or ["the given models"])
     )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.io.hub import hub_unreachable, is_connection_error, offline, with_retries
+from hf_wemoe.utils.formatting import first_line
 
 __all__ = [
     "DATASET_REF_HELP",
@@ -21,6 +23,7 @@ __all__ = [
     "DatasetRef",
     "ImageClassificationDataset",
     "TaskData",
+    "check_label_range",
     "collate_images",
     "load_task_dataset",
     "make_dataloader",
@@ -235,13 +238,8 @@ def _load_local(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
     except WEMoEError:
         raise
     except (FileNotFoundError, ValueError, OSError) as exc:
-        raise SourceError(f"cannot load dataset from {ref.path}: {_first_line(exc)}") from exc
+        raise SourceError(f"cannot load dataset from {ref.path}: {first_line(exc)}") from exc
     return _pick_split(dict(loaded), ref.split, ref.path)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _hub_split_names(ref: DatasetRef) -> list[str] | None:
@@ -251,6 +249,30 @@ def _hub_split_names(ref: DatasetRef) -> list[str] | None:
         return list(datasets.get_dataset_split_names(ref.repo, ref.config, revision=ref.revision))
     except Exception:  # only used to improve an error message; the original error is raised anyway
         return None
+
+
+def _check_hub_reachable(ref: DatasetRef, where: str) -> None:
+    """Fail in one line, in bounded time, when the Hub does not answer.
+
+    datasets retries every file of an unreachable Hub for minutes; one bounded request first avoids that. Only
+    reachability is checked here: an answer of any kind (even "not found") lets `load_dataset` report the rest.
+    """
+    from huggingface_hub import HfApi  # imported when needed, like `datasets`: the CLI starts faster
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if offline():
+        return
+    try:
+        with_retries(
+            lambda: HfApi().dataset_info(ref.repo, revision=ref.revision), f"find dataset repo '{ref.repo}'"
+        )
+    except HfHubHTTPError:
+        pass  # the Hub answered
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- only a Hub that cannot be reached is reported here
+        if is_connection_error(exc):
+            raise hub_unreachable(exc, f"load dataset {where}") from exc
 
 
 def _load_hub(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
@@ -265,6 +287,7 @@ def _load_hub(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
 
     where = str(replace(ref, split=None))
     split = ref.split or DEFAULT_SPLIT
+    _check_hub_reachable(ref, where)
     try:
         try:
             return load(split), split
@@ -274,7 +297,7 @@ def _load_hub(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
             names = _hub_split_names(ref)
             if ref.split is None and names is not None and len(names) == 1:
                 return load(names[0]), names[0]
-            listing = f"splits: {', '.join(names)}" if names else _first_line(exc)
+            listing = f"splits: {', '.join(names)}" if names else first_line(exc)
             raise WEMoEError(
                 f"split {_split_base(split)!r} not found in {where} ({listing}); choose one with #SPLIT"
             ) from exc
@@ -286,11 +309,15 @@ def _load_hub(ref: DatasetRef, cache_dir: str | None) -> tuple[Any, str]:
             what = f"unknown revision {ref.revision!r} of Hub dataset {ref.repo!r}"
         else:
             what = f"unknown Hub dataset {ref.repo!r} (and no local path of that name)"
-        raise SourceError(f"{what}: {_first_line(exc)}") from exc
+        raise SourceError(f"{what}: {first_line(exc)}") from exc
     except (HfHubHTTPError, ConnectionError) as exc:
-        raise SourceError(f"cannot get Hub dataset {where}: {_first_line(exc)}") from exc
+        raise SourceError(f"cannot get Hub dataset {where}: {first_line(exc)}") from exc
     except (ValueError, FileNotFoundError) as exc:
-        raise SourceError(f"cannot load Hub dataset {where}: {_first_line(exc)}") from exc
+        raise SourceError(f"cannot load Hub dataset {where}: {first_line(exc)}") from exc
+    except Exception as exc:
+        if is_connection_error(exc):  # timeouts and transport errors of the HTTP client
+            raise hub_unreachable(exc, f"load dataset {where}") from exc
+        raise
 
 
 def _find_column(
@@ -351,7 +378,7 @@ def load_task_dataset(
             dataset[0][image].load()
         except (ValueError, TypeError, OSError, AttributeError) as exc:
             raise WEMoEError(
-                f"column {image!r} of {where} holds {features[image]}, not images ({_first_line(exc)}); name the "
+                f"column {image!r} of {where} holds {features[image]}, not images ({first_line(exc)}); name the "
                 "image column with --image-column"
             ) from exc
     label = _find_column(features, label_column, datasets.ClassLabel, _LABEL_NAMES, "--label-column", where)
@@ -371,6 +398,34 @@ def load_task_dataset(
         label_column=label,
         classnames=classnames,
     )
+
+
+def check_label_range(task: str, data: TaskData, num_classes: int) -> None:
+    """Raise `WEMoEError` unless every label of `data` is a class index in ``[0, num_classes)``.
+
+    Read from the label column alone (no image is decoded). Datasets mark unlabelled rows with -1, and integer
+    labels may outnumber the class names given: both would score against classes the head does not have.
+    """
+    import pyarrow.compute as pc
+
+    column = data.dataset.with_format("arrow")[data.label_column]
+    where = f"task {task!r}: the labels of {data.name} (column {data.label_column!r})"
+    if column.null_count:
+        raise WEMoEError(f"{where} are missing in {column.null_count} rows; every row needs a label")
+    if len(column) == 0:
+        return
+    bounds = pc.min_max(column)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    if low < 0 or high >= num_classes:
+        advice = (
+            "negative labels mark unlabelled rows: evaluate on a labelled split (train with --no-evaluate)"
+            if low < 0
+            else "give one class name per label with --classnames, or name the label column with --label-column"
+        )
+        raise WEMoEError(
+            f"{where} range over {low}..{high}, but the head has {num_classes} classes (labels "
+            f"0..{num_classes - 1}); {advice}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -416,7 +471,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 return image.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise WEMoEError(
-                f"cannot decode image {index} of dataset {self.name}: {_first_line(exc)}"
+                f"cannot decode image {index} of dataset {self.name}: {first_line(exc)}"
             ) from exc
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

@@ -21,7 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_wemoe.errors import SourceError, WEMoEError
+from hf_wemoe.io.hub import install_timeouts
+from hf_wemoe.io.pretrained import load_config, load_model, locate_pretrained
 from hf_wemoe.io.sources import ModelReference, parse_reference
+from hf_wemoe.utils.formatting import first_line
+from hf_wemoe.utils.progress import progress
 from hf_wemoe.zeroshot.templates import fill_template, validate_templates
 
 __all__ = [
@@ -153,11 +157,9 @@ def build_zeroshot_head(
     original_device = _model_device(clip_model)
     clip_model.eval().to(device)
     try:
-        from tqdm.auto import tqdm
-
         chunks = range(0, len(prompts), batch_size)
         embeddings = []
-        for start in tqdm(chunks, desc="zero-shot head", unit="batch", disable=not show_progress):
+        for start in progress(chunks, "zero-shot head", unit="batch", show=show_progress):
             tokens = tokenizer(
                 prompts[start : start + batch_size],
                 padding=True,
@@ -224,14 +226,16 @@ def _resolve_hub_commit(repo: str, revision: str | None) -> str:
 
     reason = "offline mode"
     if not is_offline_mode():
+        install_timeouts()
         try:
             sha = HfApi().model_info(repo, revision=revision).sha
             if sha:
                 return sha
             reason = "no commit sha in the Hub's answer"
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SourceError(f"unknown model {repo}@{revision or 'main'} on the Hub: {first_line}") from exc
+            raise SourceError(
+                f"unknown model {repo}@{revision or 'main'} on the Hub: {first_line(exc)}"
+            ) from exc
         except Exception as exc:  # unreachable Hub: fall back to what the local cache knows
             reason = type(exc).__name__
     cached = _cached_commit(repo, revision)
@@ -281,26 +285,23 @@ def _cache_key(identity: str, classnames: Sequence[str], templates: Sequence[str
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def _load_clip(ref: ModelReference) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoTokenizer, CLIPModel
+def _load_clip(ref: ModelReference, allow_pickle: bool = False) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer, CLIPModel
 
     # Hub models load by the user's revision (not the resolved sha), so the Hub cache records where that
     # revision points and the commit can be resolved offline later.
-    source, revision = (str(ref.path), None) if ref.is_local else (ref.repo_id, ref.revision)
     advice = "zero-shot heads need the full pretrained CLIP, e.g. openai/clip-vit-base-patch32"
+    what = "a CLIP model with its text tower and tokenizer from"
+    location = locate_pretrained(ref, allow_pickle=allow_pickle)
+    config = load_config(location, what)
+    # CLIPModel.from_pretrained would turn a vision-only config into a random full CLIP: check first.
+    if config.model_type != "clip":
+        raise SourceError(f"{ref.text} is a {config.model_type!r} model, not a full CLIP; {advice}")
+    model = load_model(CLIPModel, location, what, config=config)
     try:
-        config = AutoConfig.from_pretrained(source, revision=revision)
-        # CLIPModel.from_pretrained would turn a vision-only config into a random full CLIP: check first.
-        if config.model_type != "clip":
-            raise SourceError(f"{ref.text} is a {config.model_type!r} model, not a full CLIP; {advice}")
-        model = CLIPModel.from_pretrained(source, config=config, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(location.name_or_path, **location.load_kwargs())
     except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SourceError(
-            f"cannot load a CLIP model with its text tower and tokenizer from {ref.text}: {first_line} "
-            f"({advice})"
-        ) from exc
+        raise SourceError(f"cannot load {what} {ref.text}: {first_line(exc)} ({advice})") from exc
     return model, tokenizer
 
 
@@ -314,13 +315,15 @@ def load_or_build_heads(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     show_progress: bool = False,
+    allow_pickle: bool = False,
 ) -> dict[str, ZeroShotHead]:
     """Zero-shot heads for several tasks (``{task: (classnames, templates)}``), from the disk cache when
     possible; the CLIP model is loaded at most once, and only when some head is missing.
 
     ``clip_model``/``tokenizer``, when given, must be the model that ``clip_ref_or_path`` names; they save
     loading it again. Heads are keyed by the model identity (see :func:`model_identity`), the class names and
-    the templates; ``cache_dir`` defaults to :func:`heads_cache_dir`.
+    the templates; ``cache_dir`` defaults to :func:`heads_cache_dir`. A model with only pickle weights is loaded
+    only with ``allow_pickle``.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else heads_cache_dir()
     ref = parse_reference(str(clip_ref_or_path))
@@ -338,7 +341,7 @@ def load_or_build_heads(
                 heads[task] = head
                 continue
         if clip_model is None:
-            clip_model, tokenizer = _load_clip(ref)
+            clip_model, tokenizer = _load_clip(ref, allow_pickle)
             if not ref.is_local:
                 # Key by the commit actually loaded, should the revision have moved since it was resolved.
                 commit = _cached_commit(ref.repo_id, ref.revision) or identity.rsplit("@", 1)[1]
