@@ -86,6 +86,18 @@ def test_the_card_after_train_lists_the_experts_in_routing_order(world, tmp_path
     assert card.text.index("| stripes |") < card.text.index("| blocks |")
 
 
+def test_train_outputs_follow_the_umask_like_merge_outputs(world, tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert main(train_args(world, tmp_path / "adapted")) == 0
+    finally:
+        os.umask(old)
+    adapted = tmp_path / "adapted"
+    assert adapted.stat().st_mode & 0o777 == 0o750
+    modes = {path.name: path.stat().st_mode & 0o777 for path in adapted.iterdir() if path.is_file()}
+    assert modes and all(mode == 0o640 for mode in modes.values()), modes
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Recipes work from anywhere; the push warns about local paths
 
