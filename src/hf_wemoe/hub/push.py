@@ -431,6 +431,7 @@ def push_folder(
             if created:
                 _delete_created_repo(api, repo_id)
             raise
+    _warn_about_local_sources(model.path)
     size = sum((model.path / name).stat().st_size for name in model.files if (model.path / name).is_file())
     return PushResult(
         repo_id=repo_id,
@@ -441,6 +442,20 @@ def push_folder(
         size_bytes=size,
         created=created,
     )
+
+
+def _warn_about_local_sources(folder: Path) -> None:
+    """After a push: warn when the published card names its sources by local paths and no Hub base model."""
+    # Imported here, not at the top: the cards module loads torch, which `hf-wemoe push --help` does not need.
+    from hf_wemoe.hub.cards import local_source_paths
+
+    local = local_source_paths(folder)
+    if local:
+        logger.warning(
+            "the model card names the sources by local paths (%s) and no Hub base model, so the paths are "
+            "published and the Hub links the model to nothing; merge from Hub repo ids (org/name) to link them",
+            ", ".join(local),
+        )
 
 
 def _default_message(model: ModelFolder) -> str:
@@ -464,7 +479,7 @@ def _upload_staging(model: ModelFolder, repo_id: str, keep_card: bool) -> Iterat
     symbolically linked; upload_folder reads through both. The folder's name carries this process's id, so the
     next push removes what a killed one left behind.
     """
-    from hf_wemoe.hub.cards import local_source_paths, model_card, validate_card
+    from hf_wemoe.hub.cards import model_card, validate_card
 
     remove_stale_staging(tempfile.gettempdir(), STAGING_STEM)
     staging = make_staging_dir(tempfile.gettempdir(), STAGING_STEM)
@@ -485,13 +500,6 @@ def _upload_staging(model: ModelFolder, repo_id: str, keep_card: bool) -> Iterat
             (staging / CARD_NAME).write_text(text, encoding="utf-8")
         else:
             model_card(model.path, model_id=repo_id).save(staging / CARD_NAME)
-        local = local_source_paths(model.path)
-        if local:
-            logger.warning(
-                "the model card names the sources by local paths (%s) and no Hub base model, so the paths are "
-                "published and the Hub links the model to nothing; merge from Hub repo ids (org/name) to link them",
-                ", ".join(local),
-            )
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
