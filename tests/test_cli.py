@@ -355,8 +355,13 @@ def test_a_merge_config_written_by_0_1_0_still_merges(zoo, tmp_path, monkeypatch
         "warning: 'dtype' in config file 'merge_config.yaml' is deprecated; use 'task_vector_dtype'"
     ]
     recipe = yaml.safe_load(Path("rebuilt/merge_config.yaml").read_text())
+    # The same recipe, with the local sources recorded as absolute paths (so it also works from the model folder).
+    absolute = {
+        "base": str(Path(old["base"]).resolve()),
+        "experts": {name: str(Path(ref).resolve()) for name, ref in old["experts"].items()},
+    }
     assert {key: recipe[key] for key in old if key != "dtype"} == {
-        key: v for key, v in old.items() if key != "dtype"
+        key: absolute.get(key, v) for key, v in old.items() if key != "dtype"
     }
     assert recipe["task_vector_dtype"] == "bfloat16" and "dtype" not in recipe
     assert recipe["max_shard_size"] == "5GB"  # the default, now recorded

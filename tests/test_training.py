@@ -113,7 +113,10 @@ def test_resume_continues_exactly(world, tmp_path):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    """The README's torchrun command on a machine without a GPU: one run over two processes (CPU DDP over gloo),
+    not two independent runs racing on the output, also without ACCELERATE_USE_CPU."""
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    env["OMP_NUM_THREADS"] = "1"
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -134,7 +137,9 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
         [*torchrun, "-m", "hf_wemoe", *args], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout
+    assert "2 process(es)" in result.stdout and "1 process(es)" not in result.stdout
+    assert result.stdout.count("saved to ") == 1  # only the main process writes and reports the output
+    assert [path.name for path in tmp_path.iterdir()] == ["two"]  # one output, no staging folders left
     one = tmp_path / "one"
     assert main(train_args(world, one, "--steps", "3", "--no-evaluate")) == 0
     a, b = routers(one), routers(two)

@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 from hf_wemoe.version import __version__
 
 if TYPE_CHECKING:
+    from hf_wemoe.hub.cards import model_card, write_card
+    from hf_wemoe.hub.push import push_folder
+    from hf_wemoe.io.saving import save_model
     from hf_wemoe.merging.wemoe import build_wemoe
     from hf_wemoe.models.configuration_wemoe import WEMoECLIPConfig, WEMoECLIPVisionConfig
     from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, WEMoECLIPVisionModelWithProjection
@@ -34,6 +37,10 @@ _PUBLIC = {
     "WEMoECLIPVisionModelWithProjection": "hf_wemoe.models.modeling_wemoe",
     "WEMoECLIPModel": "hf_wemoe.models.modeling_wemoe_clip",
     "build_wemoe": "hf_wemoe.merging.wemoe",
+    "save_model": "hf_wemoe.io.saving",
+    "model_card": "hf_wemoe.hub.cards",
+    "write_card": "hf_wemoe.hub.cards",
+    "push_folder": "hf_wemoe.hub.push",
 }
 
 
@@ -98,5 +105,9 @@ __all__ = [
     "WEMoECLIPVisionModelWithProjection",
     "__version__",
     "build_wemoe",
+    "model_card",
+    "push_folder",
     "register_auto_classes",
+    "save_model",
+    "write_card",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -198,6 +199,25 @@ def load_checkpoint(
     progress.step, progress.micro_step = step, micro_step
 
 
+def launched_on_cpu_only() -> bool:
+    """Whether this is one of several processes (torchrun: WORLD_SIZE > 1) on a machine without an accelerator.
+
+    accelerate only joins such processes into one run on an accelerator or when told to use the CPU; otherwise
+    each process would train a copy of its own, all racing on the output folder. On the CPU they join over gloo.
+    """
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return False
+    if world <= 1:
+        return False
+    devices = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if devices is not None:
+        device = devices.current_accelerator()
+        return device is None or device.type == "mps"  # accelerate does not distribute over MPS
+    return not torch.cuda.is_available()
+
+
 def adapt_routers(
     classifier: ZeroShotClassifier,
     tasks: Sequence[ClassificationTask],
@@ -233,6 +253,7 @@ def adapt_routers(
             )
 
     accelerator = Accelerator(
+        cpu=launched_on_cpu_only(),
         mixed_precision=options.mixed_precision,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         log_with=report_to or None,

@@ -51,6 +51,9 @@ COMMANDS: dict[str, Command] = {
             "toy_zoo",
             "build the offline toy zoo: small image tasks, a tiny pretrained CLIP and one expert per task",
         ),
+        Command(
+            "env", "env", "print versions, devices and cache locations for a bug report"
+        ),
     )
 }
 

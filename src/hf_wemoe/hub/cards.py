@@ -227,6 +227,30 @@ def write_card(folder: str | Path, model_id: str | None = None, **context: Any) 
     return path
 
 
+def local_source_paths(folder: str | Path) -> list[str]:
+    """The sources (base and experts) of a folder's merge recipe that are local paths, when none is a Hub repo.
+
+    Such a card would publish those paths and name no `base_model`, so the Hub links the model to nothing; `hf-wemoe
+    push` warns about it. Empty when a source is a Hub repo or the folder records no sources.
+    """
+    folder = Path(folder)
+    config = _read_json(folder / "config.json", "config.json")
+    if config.get("model_type") not in MODEL_KINDS:
+        return []
+    is_wemoe, full_clip = MODEL_KINDS[config["model_type"]]
+    vision_config = (config.get("vision_config") or {}) if full_clip else config
+    provenance = vision_config.get("provenance") or config.get("provenance") or {}
+    try:
+        recipe, _ = _recipe(folder, provenance, vision_config, is_wemoe)
+    except WEMoEError:
+        return []
+    refs = [str(ref) for ref in [recipe.get("base"), *(recipe.get("experts") or {}).values()] if ref]
+    refs = [ref for ref in refs if ref != NOT_RECORDED]
+    if any(_is_hub_ref(ref) for ref in refs):
+        return []
+    return list(dict.fromkeys(refs))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # What the card shows, read from the folder
 
@@ -251,17 +275,19 @@ def _recipe(
     A WEMoE model built in Python records no recipe: one is reconstructed from its config (no YAML then).
     """
     path = folder / MERGE_CONFIG_NAME
+    names = list(vision_config.get("expert_names") or [])
     if path.is_file():
-        return yaml.safe_load(path.read_text()), path.read_text().strip()
+        recipe = yaml.safe_load(path.read_text())
+        return {**recipe, "experts": _in_routing_order(recipe["experts"], names)}, path.read_text().strip()
     if provenance.get("recipe"):
         recipe = provenance["recipe"]
+        recipe = {**recipe, "experts": _in_routing_order(recipe.get("experts") or {}, names)}
         return recipe, yaml.safe_dump(recipe, sort_keys=False).strip()
     if not is_wemoe:
         raise WEMoEError(
             f"'{folder}' records no merge recipe (merge_config.yaml or provenance in config.json); only folders "
             "written by hf-wemoe merge or train get a generated card"
         )
-    names = list(vision_config.get("expert_names") or [])
     refs = vision_config.get("expert_refs") or [NOT_RECORDED] * len(names)
     sparsity = float(_field(vision_config, "sparsity") or 0.0)
     shared = bool(vision_config.get("shared_router"))
@@ -277,6 +303,17 @@ def _recipe(
         "task_vector_dtype": vision_config.get("task_vector_dtype", "float32"),
     }
     return recipe, None
+
+
+def _in_routing_order(experts: dict[str, str], names: list[str]) -> dict[str, str]:
+    """The recipe's experts in the model's routing order (its `expert_names`).
+
+    config.json stores mappings with sorted keys, so the recipe recorded there lists the experts alphabetically;
+    the card's examples (`collapse([1, 0, ...])`) and a rebuild from its recipe need the routing order.
+    """
+    if sorted(experts) != sorted(names):
+        return experts
+    return {name: experts[name] for name in names}
 
 
 def _field(config: dict[str, Any], name: str, default: Any = None) -> Any:
@@ -415,4 +452,12 @@ def _results(folder: Path, adaptation: dict[str, Any] | None) -> dict[str, Any] 
     }
 
 
-__all__ = ["TEMPLATE_DIR", "merge_card", "model_card", "render_card", "validate_card", "write_card"]
+__all__ = [
+    "TEMPLATE_DIR",
+    "local_source_paths",
+    "merge_card",
+    "model_card",
+    "render_card",
+    "validate_card",
+    "write_card",
+]

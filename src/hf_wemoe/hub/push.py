@@ -434,6 +434,7 @@ def push_folder(
             if created:
                 _delete_created_repo(api, repo_id)
             raise
+    _warn_about_local_sources(model.path)
     size = sum((model.path / name).stat().st_size for name in model.files if (model.path / name).is_file())
     return PushResult(
         repo_id=repo_id,
@@ -444,6 +445,20 @@ def push_folder(
         size_bytes=size,
         created=created,
     )
+
+
+def _warn_about_local_sources(folder: Path) -> None:
+    """After a push: warn when the published card names its sources by local paths and no Hub base model."""
+    # Imported here, not at the top: the cards module loads torch, which `hf-wemoe push --help` does not need.
+    from hf_wemoe.hub.cards import local_source_paths
+
+    local = local_source_paths(folder)
+    if local:
+        logger.warning(
+            "the model card names the sources by local paths (%s) and no Hub base model, so the paths are "
+            "published and the Hub links the model to nothing; merge from Hub repo ids (org/name) to link them",
+            ", ".join(local),
+        )
 
 
 def _default_message(model: ModelFolder) -> str:

@@ -91,10 +91,16 @@ class ModelReference:
         """True for a local folder."""
         return self.path is not None
 
+    @property
+    def recorded(self) -> str:
+        """The reference as recipes and configs record it: a local folder as its absolute path (so a recipe works
+        from any directory, e.g. from the model folder), a Hub reference as written."""
+        return str(self.path) if self.path is not None else self.text
+
     def pinned(self, commit: str | None) -> str:
-        """The reference with its revision replaced by a resolved commit (Hub), or unchanged (local)."""
+        """The reference with its revision replaced by a resolved commit (Hub), or `recorded` (local)."""
         if self.is_local or commit is None:
-            return self.text
+            return self.recorded
         return f"{self.repo_id}@{commit}"
 
 
@@ -273,7 +279,7 @@ class ModelSource:
 
     def provenance(self) -> dict:
         """What was read: the reference, where it came from and the resolved revision."""
-        record = {"ref": self.reference.text, "source": "local" if self.reference.is_local else "hub"}
+        record = {"ref": self.reference.recorded, "source": "local" if self.reference.is_local else "hub"}
         if self.reference.is_local:
             record["content_sha256"] = self.commit.removeprefix("sha256:") if self.commit else None
         else:

@@ -169,8 +169,8 @@ class WEMoE(MergeMethod):
             sparsity=options.sparsity,
             task_vector_dtype=options.task_vector_dtype,
             routing=options.routing,
-            base_model_ref=job.base.reference.text,
-            expert_refs=[source.reference.text for source in job.experts.values()],
+            base_model_ref=job.base.reference.recorded,
+            expert_refs=[source.reference.recorded for source in job.experts.values()],
             provenance=job.provenance,
         )
         # The routers are the only random part: a fixed seed makes a recipe rebuild identical weights.

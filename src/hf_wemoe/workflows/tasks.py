@@ -37,7 +37,8 @@ class TaskOptions(BaseModel):
     )
     clip_model: str | None = Field(
         None,
-        description="CLIP model whose text tower gives the zero-shot heads",
+        description="CLIP model whose text tower gives the zero-shot heads; a full CLIP model that records no "
+        "base uses its own",
         json_schema_extra={"metavar": "REF", "default_text": "the recorded base"},
     )
     templates: list[str] = Field(
@@ -93,7 +94,8 @@ def load_tasks(
     model_ref = require(config.model, "--model")
     tasks_spec = require(config.task, "--task NAME=DATASET")
     vision, projection = load_vision_model(model_ref, allow_pickle=config.allow_pickle)
-    clip_ref = default_clip_ref(vision, model_ref, config.clip_model)
+    # A full CLIP checkpoint comes with its projection and its text tower: it gives its own zero-shot heads.
+    clip_ref = default_clip_ref(vision, model_ref, config.clip_model, has_text_tower=projection is not None)
     if projection is None:
         projection = load_visual_projection(clip_ref, allow_pickle=config.allow_pickle)
     check_projection(vision, projection, model_ref, clip_ref)

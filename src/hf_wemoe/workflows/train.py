@@ -1,7 +1,8 @@
 """The `hf-wemoe train` workflow: adapt the routers of a WEMoE model, evaluate it, write the adapted folder.
 
 The folder is written atomically and holds the model, its image processor, eval_results.json (accuracy per task,
-and the model before adaptation as a baseline), routing.png and a model card. The workflow never pushes: `hf-wemoe
+and the model before adaptation as a baseline), routing.png, the merge recipe of a local model folder
+(merge_config.yaml, carried over) and a model card. The workflow never pushes: `hf-wemoe
 train --push-to-hub` pushes the finished folder afterwards.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,9 @@ from pydantic import Field
 from hf_wemoe.adaptation import TrainOptions, adapt_routers
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import EvalResult, evaluate_tasks, write_results
-from hf_wemoe.hub.cards import write_card
+from hf_wemoe.hub.cards import MERGE_CONFIG_NAME, write_card
 from hf_wemoe.io.outputs import atomic_output_dir, check_output_dir
+from hf_wemoe.io.sources import parse_reference
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
 from hf_wemoe.workflows.plots import plot_routing
 from hf_wemoe.workflows.tasks import TaskOptions, load_tasks, require, routing_mode
@@ -148,6 +151,9 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
         }
         vision.save_pretrained(staging)
         processor.save_pretrained(staging)
+        recipe = _merge_recipe_file(config.model)
+        if recipe is not None:  # the card shows it and `hf-wemoe merge --config` rebuilds the merge from it
+            shutil.copyfile(recipe, staging / MERGE_CONFIG_NAME)
         if summary.result is not None:
             payload = {
                 "model": str(output),
@@ -170,6 +176,17 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
             logger.warning("no model card written for %s: %s", output, err)
     summary.output = output
     return summary
+
+
+def _merge_recipe_file(model_ref: str | None) -> Path | None:
+    """The merge_config.yaml of a local model folder, if it has one (Hub models: the card uses the recipe
+    recorded in config.json)."""
+    try:
+        reference = parse_reference(str(model_ref))
+    except WEMoEError:
+        return None
+    path = reference.path / MERGE_CONFIG_NAME if reference.is_local else None
+    return path if path is not None and path.is_file() else None
 
 
 def _router_state(model: WEMoECLIPVisionModel) -> dict:

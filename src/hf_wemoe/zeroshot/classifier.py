@@ -138,13 +138,18 @@ def check_projection(vision_model: nn.Module, projection: nn.Linear, model_ref: 
         )
 
 
-def default_clip_ref(model: nn.Module, model_ref: str, clip_ref: str | None) -> str:
-    """`--clip-model`, else the base recorded in a WEMoE model's provenance."""
+def default_clip_ref(
+    model: nn.Module, model_ref: str, clip_ref: str | None, *, has_text_tower: bool = False
+) -> str:
+    """`--clip-model`, else the base recorded in a WEMoE model's provenance, else the model itself when it is a
+    full CLIP model (`has_text_tower`): the pretrained CLIP evaluates with its own text tower."""
     if clip_ref:
         return clip_ref
     recorded = getattr(model.config, "base_model_ref", None)
     if recorded:
         return recorded
+    if has_text_tower:
+        return model_ref
     raise WEMoEError(
         f"{model_ref} records no base model; name the CLIP model whose text tower gives the zero-shot heads "
         "with --clip-model (e.g. openai/clip-vit-base-patch32)"

@@ -177,9 +177,10 @@ def known_template_sets() -> list[str]:
 
 def _unknown_message(problem: str) -> str:
     return (
-        f"{problem} (known sets: {', '.join(known_template_sets())}); pass --templates FILE "
-        "(one template per line, '{c}' for the class name) and, when the dataset has no ClassLabel column, "
-        "--classnames FILE (one class name per line)"
+        f"{problem} (known sets: {', '.join(known_template_sets())}); --templates generic works for any task "
+        "(photo prompts such as 'a photo of a {c}.'), or pass --templates FILE (one template per line, '{c}' for "
+        "the class name) and, when the dataset has no ClassLabel column, --classnames FILE (one class name per "
+        "line)"
     )
 
 
