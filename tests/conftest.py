@@ -11,9 +11,15 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
-from hub_server import HubServer, configure_environ  # tests/ is on sys.path (no tests/__init__.py)
+# The test helpers (local Hub server, tiny models, fixture worlds) live in tests/support/; the test files are
+# grouped like the package in folders without __init__.py, so pytest puts each file's folder on sys.path, and
+# this puts support/ there too.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))
+
+from hub_server import HubServer, configure_environ  # noqa: E402
 
 _SESSION_CACHE = tempfile.mkdtemp(prefix="hf-wemoe-tests-")
 HUB = HubServer(os.path.join(_SESSION_CACHE, "hub_store")).reserve()

@@ -16,15 +16,15 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from checkpoints import write_checkpoint
 from hf_wemoe.cli.commands import COMMANDS
 from hf_wemoe.cli.main import build_parser, command_name, main
 from hf_wemoe.cli.options import resolve_options
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.merging.recipe import MergeRecipe
-from test_sources import write_checkpoint
 from tiny_models import make_base_and_experts
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 NAMES = ["task0", "task1", "task2"]
 
 

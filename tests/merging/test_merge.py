@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionModel
 
+from checkpoints import write_checkpoint
 from hf_wemoe import WEMoECLIPVisionModel, build_wemoe
 from hf_wemoe.cli.main import main
 from hf_wemoe.cli.merge import MergeRunOptions
@@ -27,7 +28,6 @@ from hf_wemoe.merging.recipe import MergeRecipe
 from hf_wemoe.merging.registry import merge_methods
 from hf_wemoe.models.modeling_wemoe import is_router_parameter
 from hf_wemoe.workflows.merge import run_merge
-from test_sources import write_checkpoint
 from tiny_models import make_base_and_experts
 
 NUM_EXPERTS = 3

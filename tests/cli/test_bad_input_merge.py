@@ -23,7 +23,7 @@ from bad_input import (
     silent_endpoint_env,
     write_malicious_pickle,
 )
-from test_sources import write_checkpoint
+from checkpoints import write_checkpoint
 from tiny_models import make_base_and_experts
 
 

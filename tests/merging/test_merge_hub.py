@@ -18,9 +18,9 @@ import yaml
 from huggingface_hub import ModelCard
 from transformers import CLIPImageProcessor, CLIPVisionModel
 
+from checkpoints import write_checkpoint
 from hf_wemoe import WEMoECLIPVisionModel, build_wemoe
 from hub_server import RESULT_MARKER, HubServer, client_env, client_result, run_client
-from test_sources import write_checkpoint
 from tiny_models import make_base_and_experts
 
 BASE = "openai/clip-vit-base-patch32"

@@ -3,54 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPVisionModel, pipeline
 
+from clip_worlds import EXPERTS, make_clip_world, merge, sample_image
 from hf_wemoe import WEMoECLIPModel, WEMoECLIPVisionModel
 from hf_wemoe.cli.main import main
 from hf_wemoe.models.modeling_wemoe import is_router_parameter
-from tiny_clip import make_tiny_clip
-
-EXPERTS = ("blocks", "stripes")
-
-
-def make_clip_world(root: Path) -> dict[str, Path]:
-    """A tiny full CLIP base (tokenizer, image processor, a card with a license) and two vision experts."""
-    clip_dir = make_tiny_clip(root / "clip", seed=0)
-    (clip_dir / "README.md").write_text("---\nlicense: mit\n---\n# A tiny CLIP\n")
-    clip = CLIPModel.from_pretrained(clip_dir)
-    generator = torch.Generator().manual_seed(1)
-    world = {"clip": clip_dir}
-    for name in EXPERTS:
-        expert = CLIPVisionModel(clip.config.vision_config)
-        state = clip.vision_model.state_dict()
-        expert.load_state_dict(
-            {k: v + 0.2 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
-        )
-        world[name] = root / f"expert-{name}"
-        expert.save_pretrained(world[name])
-    return world
-
-
-def merge(world: dict[str, Path], output: Path, *extra: str) -> Path:
-    experts = [arg for name in EXPERTS for arg in ("--expert", f"{name}={world[name]}")]
-    assert main(["merge", "-q", "--base", str(world["clip"]), *experts, "--output", str(output), *extra]) == 0
-    return output
-
-
-def test_image(seed: int = 0, size: int = 40) -> Image.Image:
-    """A random RGB image (the pipelines take PIL images)."""
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-test_image.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +99,7 @@ def test_full_clip_is_the_base_text_tower_with_the_merged_vision_tower(merged):
 def test_zero_shot_pipeline_with_the_installed_package(merged):
     classifier = pipeline("zero-shot-image-classification", model=str(merged["full"]))
     assert type(classifier.model) is WEMoECLIPModel
-    image, labels = test_image(), ["red", "green", "blue"]
+    image, labels = sample_image(), ["red", "green", "blue"]
     predictions = classifier(image, candidate_labels=labels)
     assert sorted(p["label"] for p in predictions) == sorted(labels)
     # The same scores by hand: the pipeline's prompt, the folder's tokenizer and image processor.
@@ -166,7 +128,7 @@ def test_static_full_clip_is_a_plain_clip_model(merged):
         if "vision_model" not in key
     )
     classifier = pipeline("zero-shot-image-classification", model=str(merged["static_full"]))
-    assert len(classifier(test_image(), candidate_labels=["a", "b"])) == 2
+    assert len(classifier(sample_image(), candidate_labels=["a", "b"])) == 2
 
 
 def test_full_clip_recipe_rebuilds_identical_weights(merged, tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoints import write_checkpoint
 from hf_wemoe.cli.main import main
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.io import outputs
@@ -37,10 +38,9 @@ from hf_wemoe.toy.evaluate_world import merge_state_dicts
 from hf_wemoe.utils.formatting import format_size
 from hf_wemoe.workflows import merge as merge_workflow
 from hf_wemoe.workflows.merge import run_merge
-from test_sources import write_checkpoint
 from tiny_models import make_base_and_experts
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "hf_wemoe"
+SRC = Path(__file__).resolve().parents[2] / "src" / "hf_wemoe"
 
 
 @pytest.fixture(scope="module")

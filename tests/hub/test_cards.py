@@ -7,22 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from huggingface_hub import ModelCard
 
+from clip_worlds import BASE, COMMITS, HUB_EXPERTS, adapt, as_if_from_the_hub, make_clip_world, merge
 from hf_wemoe import build_wemoe
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.hub.cards import model_card, render_card, validate_card
 from hub_server import _validate_card_metadata
-from test_full_clip import make_clip_world, merge
 from tiny_models import make_base_and_experts
-
-BASE = "openai/clip-vit-base-patch32"
-HUB_EXPERTS = {
-    "blocks": "tanganke/clip-vit-base-patch32_dtd",
-    "stripes": "tanganke/clip-vit-base-patch32_svhn",
-}
-COMMITS = {"base": "a" * 40, "blocks": "b" * 40, "stripes": "c" * 40}
 
 
 @pytest.fixture(scope="module")
@@ -37,54 +29,8 @@ def folders(tmp_path_factory):
     }
 
 
-def as_if_from_the_hub(folder: Path, target: Path) -> Path:
-    """A copy of a merged folder whose recorded sources are Hub repos at known commits."""
-    shutil.copytree(folder, target)
-    config = json.loads((target / "config.json").read_text())
-    hub = {"source": "hub", "revision": None, "layout": "clip"}
-    config["provenance"]["base"] = {"ref": BASE, "repo_id": BASE, "commit": COMMITS["base"], **hub}
-    config["provenance"]["experts"] = {
-        name: {"ref": ref, "repo_id": ref, "commit": COMMITS[name], **hub}
-        for name, ref in HUB_EXPERTS.items()
-    }
-    (target / "config.json").write_text(json.dumps(config))
-    recipe = yaml.safe_load((target / "merge_config.yaml").read_text())
-    recipe["base"] = f"{BASE}@{COMMITS['base']}"
-    recipe["experts"] = {name: f"{ref}@{COMMITS[name]}" for name, ref in HUB_EXPERTS.items()}
-    (target / "merge_config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return target
 
 
-def adapt(folder: Path) -> Path:
-    """What `hf-wemoe train` adds to a folder: adaptation provenance, eval_results.json, routing.png."""
-    config = json.loads((folder / "config.json").read_text())
-    tasks = {
-        "blocks": "tanganke/dtd#test",
-        "stripes": "ufldl-stanford/svhn:cropped_digits",
-        "local": "/data/x",
-    }
-    config["provenance"]["adaptation"] = {
-        "tasks": tasks,
-        "options": {"objective": "entropy", "lr": 0.0001, "batch_size_per_task": 16, "steps": 1000},
-        "steps": 1000,
-        "final_loss": 0.123456,
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    accuracy = {"blocks": 71.25, "stripes": 95.5, "local": 50.0}
-    results = {
-        "model": str(folder),
-        "routing": "sample",
-        "accuracy": accuracy,
-        "average": sum(accuracy.values()) / 3,
-        "num_examples": {"blocks": 1880, "stripes": 26032, "local": 10},
-        "datasets": tasks,
-        "baselines": [
-            {"name": "before adaptation", "accuracy": {"blocks": 50.0, "stripes": 60.0, "local": 40.0}}
-        ],
-    }
-    (folder / "eval_results.json").write_text(json.dumps(results))
-    (folder / "routing.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    return folder
 
 
 def test_wemoe_card_metadata_and_body(folders, tmp_path):
@@ -205,7 +151,7 @@ def test_card_of_a_model_built_in_python(tmp_path):
 
 def test_card_of_a_folder_saved_with_the_old_field_names(tmp_path):
     """A config.json saved before `init_lambda` and `task_vector_sparsity` were renamed gives the same card."""
-    folder = shutil.copytree(Path(__file__).parent / "fixtures" / "legacy_ewemoe", tmp_path / "legacy")
+    folder = shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "legacy_ewemoe", tmp_path / "legacy")
     config = json.loads((folder / "config.json").read_text())
     assert config["init_lambda"] == 0.3 and config["task_vector_sparsity"] == 0.9 and "scaling" not in config
     card = model_card(folder, model_id="testorg/legacy")

@@ -11,7 +11,7 @@ import pytest
 
 from adaptation_fixtures import make_adaptation_world
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_ta8.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "reproduce_ta8.py"
 
 
 def load_script():

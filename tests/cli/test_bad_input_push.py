@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bad_input import assert_one_line_error, run_cli, run_error, silent_endpoint, silent_endpoint_env
-from test_full_clip import make_clip_world, merge
+from clip_worlds import make_clip_world, merge
 
 
 @pytest.fixture(scope="module")

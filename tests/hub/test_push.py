@@ -22,13 +22,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, pipeline
 
 from adaptation_fixtures import make_adaptation_world
+from clip_worlds import adapt, make_clip_world, merge, sample_image
 from hf_wemoe import WEMoECLIPModel, WEMoECLIPVisionModel
 from hf_wemoe.cli.main import main
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.hub.push import _check_code_files, push_folder
 from hub_server import RESULT_MARKER, HubServer, client_env, client_result, run_client
-from test_cards import adapt
-from test_full_clip import make_clip_world, merge, test_image
 
 LABELS = ["red", "green", "blue"]
 
@@ -110,9 +109,9 @@ def test_a_fresh_process_without_the_package_loads_the_pushed_models(world, push
             "full": full(pixel_values=pixels, **text).logits_per_image,
         }
     torch.save(expected, tmp_path / "expected.pt")
-    features = pipeline("image-feature-extraction", model=str(world["vision"]))(test_image())
+    features = pipeline("image-feature-extraction", model=str(world["vision"]))(sample_image())
     scores = pipeline("zero-shot-image-classification", model=str(world["full"]))(
-        test_image(), candidate_labels=LABELS
+        sample_image(), candidate_labels=LABELS
     )
     (tmp_path / "pipelines.json").write_text(json.dumps({"features": features, "scores": scores}))
 
@@ -130,7 +129,7 @@ def test_a_fresh_process_without_the_package_loads_the_pushed_models(world, push
         from PIL import Image
 
         # test_full_clip.test_image, inlined: that module imports hf_wemoe.
-        def test_image(seed=0, size=40):
+        def sample_image(seed=0, size=40):
             generator = torch.Generator().manual_seed(seed)
             pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
             return Image.fromarray(pixels.numpy())
@@ -152,9 +151,9 @@ def test_a_fresh_process_without_the_package_loads_the_pushed_models(world, push
             logits = full(pixel_values=expected["pixels"], **expected["text"]).logits_per_image
         results["full_equal"] = torch.equal(logits, expected["full"])
         extractor = pipeline("image-feature-extraction", model="testorg/push-vision", trust_remote_code=True)
-        results["features_equal"] = extractor(test_image()) == local["features"]
+        results["features_equal"] = extractor(sample_image()) == local["features"]
         classifier = pipeline("zero-shot-image-classification", model="testorg/push-full", trust_remote_code=True)
-        scores = classifier(test_image(), candidate_labels={LABELS!r})
+        scores = classifier(sample_image(), candidate_labels={LABELS!r})
         results["scores"] = scores
         results["scores_equal"] = scores == local["scores"]
         print({RESULT_MARKER!r} + json.dumps(results))
@@ -387,7 +386,7 @@ def test_broken_folders_are_refused_before_any_request(world, hub_server, tmp_pa
 
 def test_code_check_follows_the_files_own_imports():
     """A folder saved before the kernels moved to wemoe_ops.py has no such file, and its model code needs none."""
-    folder = Path(__file__).parent / "fixtures" / "legacy_ewemoe"
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_ewemoe"
     assert not (folder / "wemoe_ops.py").exists()
     _check_code_files(folder, json.loads((folder / "config.json").read_text()))
 

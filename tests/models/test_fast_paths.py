@@ -14,7 +14,7 @@ import torch
 import hf_wemoe.models.wemoe_ops as ops
 from hf_wemoe import build_wemoe
 from hf_wemoe.models.wemoe_ops import MergeBlocks, MergedWeight, PerSampleLinear
-from test_modeling import reference_forward
+from reference import reference_forward
 from tiny_models import make_base_and_experts, randomize_routers
 
 NUM_EXPERTS = 3

@@ -17,14 +17,14 @@ from hf_wemoe import WEMoECLIPConfig, WEMoECLIPModel, WEMoECLIPVisionConfig, bui
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPPreTrainedModel, WEMoECLIPVisionModel, is_router_parameter
 from tiny_models import make_base_and_experts, randomize_routers
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 LEGACY = ("legacy_wemoe", "legacy_ewemoe")
 # The legacy folders' configs use the field names deprecated since (`init_lambda`, `task_vector_sparsity`).
 legacy_names = pytest.mark.filterwarnings("ignore:.*is deprecated, use:FutureWarning")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Folders saved by the phase-1 release (see fixtures/make_legacy_models.py) load and compute the same bits.
+# Folders saved by version 0.1.0 (see fixtures/make_legacy_models.py) load and compute the same bits.
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_full_clip_model_shares_the_pretrained_base(tmp_path, shared_router):
 
 @legacy_names
 def test_set_routing_and_the_routing_argument_match_the_old_config_switch(legacy_outputs):
-    # The phase-1 outputs with routing "batch" were made by assigning `model.config.routing`.
+    # The 0.1.0 outputs with routing "batch" were made by assigning `model.config.routing`.
     model = WEMoECLIPVisionModel.from_pretrained(FIXTURES / "legacy_wemoe").eval()
     pixel_values, expected = legacy_outputs["pixel_values"], legacy_outputs["legacy_wemoe.batch_pooler_output"]
     with torch.no_grad():

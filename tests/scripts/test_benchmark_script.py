@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 SECTIONS = ["## Setup", "## Forward", "## Router-training step", "## Merge and saved size", "## Targets", "## Notes"]
 
 

@@ -18,14 +18,13 @@ from transformers import CLIPModel, CLIPVisionModel, pipeline
 
 import hf_wemoe
 from adaptation_fixtures import make_task_dataset
+from clip_worlds import as_if_from_the_hub, make_clip_world, sample_image
 from hf_wemoe.cli.main import main
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.hub.cards import local_source_paths, model_card
 from hf_wemoe.zeroshot.templates import resolve_task_templates
-from test_cards import as_if_from_the_hub
-from test_full_clip import make_clip_world, test_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +165,7 @@ def test_save_model_writes_what_pipelines_need(world, tmp_path):
     folder = hf_wemoe.save_model(model, tmp_path / "saved", processor=str(world["clip"]))
     assert (folder / "preprocessor_config.json").is_file() and (folder / "model.safetensors").is_file()
     extractor = pipeline("image-feature-extraction", model=str(folder))
-    features = extractor(test_image())
+    features = extractor(sample_image())
     assert torch.tensor(features).shape[-1] == clip.config.vision_config.hidden_size
     # The base recorded by build_wemoe is the default processor source.
     recorded = hf_wemoe.build_wemoe(base.eval(), experts, base_model_ref=str(world["clip"]))
