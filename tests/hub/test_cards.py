@@ -29,10 +29,6 @@ def folders(tmp_path_factory):
     }
 
 
-
-
-
-
 def test_wemoe_card_metadata_and_body(folders, tmp_path):
     folder = as_if_from_the_hub(folders["vision"], tmp_path / "hub")
     card = model_card(folder, model_id="testorg/wemoe-tiny")

@@ -28,6 +28,7 @@ from hf_wemoe.cli.main import main
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.hub.push import _check_code_files, push_folder
 from hub_server import RESULT_MARKER, HubServer, client_env, client_result, run_client
+from isolation import WITHOUT_PACKAGE
 
 LABELS = ["red", "green", "blue"]
 
@@ -116,14 +117,7 @@ def test_a_fresh_process_without_the_package_loads_the_pushed_models(world, push
     (tmp_path / "pipelines.json").write_text(json.dumps({"features": features, "scores": scores}))
 
     code = f"""
-        import importlib.abc, json, sys
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "hf_wemoe" or name.startswith("hf_wemoe."):
-                    raise ImportError("hf_wemoe is blocked in this process")
-
-        sys.meta_path.insert(0, Block())
+        import json
         import torch
         from transformers import AutoModel, AutoModelForZeroShotImageClassification, pipeline
         from PIL import Image
@@ -159,7 +153,7 @@ def test_a_fresh_process_without_the_package_loads_the_pushed_models(world, push
         print({RESULT_MARKER!r} + json.dumps(results))
     """
     env = client_env(hub_server, tmp_path / "hf_home", disable_xet=True)
-    proc = run_client(textwrap.dedent(code), env, timeout=300)
+    proc = run_client(WITHOUT_PACKAGE + textwrap.dedent(code), env, timeout=300)
     results = client_result(proc)
     assert results["vision_module"].startswith("transformers_modules"), results
     assert results["full_class"].startswith("transformers_modules") and results["full_class"].endswith(

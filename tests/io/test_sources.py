@@ -1,6 +1,6 @@
 """Model sources: references, checkpoint layouts (transformers 4/5, full CLIP, shards, pickle), bad files.
 
-The `write_checkpoint` helper here is also used by the merge tests to build inputs in every layout.
+Inputs in every layout come from `write_checkpoint` (tests/support/checkpoints.py), shared with the merge tests.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from hf_wemoe.io.sources import open_source, parse_reference
 from tiny_models import make_base_and_experts
 
 LAYOUTS = ("v5", "v4", "clip", "sharded")
-
-
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 import hf_wemoe.models.wemoe_ops as ops
 from hf_wemoe import build_wemoe
 from hf_wemoe.models.wemoe_ops import MergeBlocks, MergedWeight, PerSampleLinear
-from reference import reference_forward
+from reference import reference_forward, saved_tensor_sizes
 from tiny_models import make_base_and_experts, randomize_routers
 
 NUM_EXPERTS = 3
@@ -301,14 +301,7 @@ def test_backward_saves_no_merged_weights_with_many_blocks(tiny_zoo, monkeypatch
     monkeypatch.setattr(ops, "MIN_BLOCK_ROWS", 1)
     model = build_wemoe(*tiny_zoo)
     batch = 32
-    saved = []
-
-    def pack(tensor):
-        saved.append(tensor.numel())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(torch.randn(batch, 3, 32, 32)).pooler_output.sum().backward()
+    saved = saved_tensor_sizes(model, torch.randn(batch, 3, 32, 32))
     assert max(saved) <= batch * 17 * 64 < batch * 64 * 32
 
 

@@ -20,22 +20,12 @@ from hf_wemoe import (
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
 from hf_wemoe.models.modeling_wemoe import is_router_parameter
 from hf_wemoe.models.wemoe_ops import num_kept_entries
-from reference import (
-    reference_forward,
-    stored_positions,
-)
+from isolation import WITHOUT_PACKAGE
+from reference import reference_forward, saved_tensor_sizes, stored_positions
 from tiny_models import make_base_and_experts, randomize_routers
 
-# ----------------------------------------------------------------------------------------------------------------
-# The reference: a Python loop over samples that builds W0 + sum_k r_k tau_k and runs a plain CLIPMLP.
-
-
-
-
-
-
-
-
+# The reference (tests/support/reference.py): a Python loop over samples that builds W0 + sum_k r_k tau_k and runs
+# a plain CLIPMLP.
 
 
 VARIANTS = [
@@ -221,14 +211,7 @@ def test_per_sample_backward_keeps_no_per_sample_merged_weights(tiny_zoo):
     """No tensor saved for backward is as large as one merged MLP weight per sample of the batch."""
     model = build_wemoe(*tiny_zoo)
     batch = 64
-    saved = []
-
-    def pack(tensor):
-        saved.append(tensor.numel())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(torch.randn(batch, 3, 32, 32)).pooler_output.sum().backward()
+    saved = saved_tensor_sizes(model, torch.randn(batch, 3, 32, 32))
     per_sample_weights = batch * 64 * 32  # one merged fc1 (or fc2) weight for every sample
     activations = batch * 17 * 64  # the widest activation: (batch, tokens, intermediate)
     assert activations < per_sample_weights
@@ -302,16 +285,8 @@ def test_remote_code_loads_without_the_package(tiny_zoo, tmp_path):
     model.save_pretrained(folder)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.save({"x": x, "y": model(x).pooler_output}, tmp_path / "io.pt")
-    script = textwrap.dedent(
+    script = WITHOUT_PACKAGE + textwrap.dedent(
         f"""
-        import importlib.abc, sys
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "hf_wemoe" or name.startswith("hf_wemoe."):
-                    raise ImportError("hf_wemoe is blocked in this process")
-
-        sys.meta_path.insert(0, Block())
         import torch
         from transformers import AutoModel
 

@@ -15,6 +15,7 @@ from transformers import CLIPTextConfig
 
 from hf_wemoe import WEMoECLIPConfig, WEMoECLIPModel, WEMoECLIPVisionConfig, build_wemoe
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPPreTrainedModel, WEMoECLIPVisionModel, is_router_parameter
+from isolation import WITHOUT_PACKAGE
 from tiny_models import make_base_and_experts, randomize_routers
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -49,16 +50,8 @@ def test_legacy_folder_loads_bit_identically(name, legacy_outputs):
 
 def test_legacy_folders_load_with_their_own_remote_code(tmp_path):
     """In a fresh process where hf_wemoe cannot be imported, the folders' own (old) model files give the bits."""
-    script = textwrap.dedent(
+    script = WITHOUT_PACKAGE + textwrap.dedent(
         f"""
-        import importlib.abc, sys
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "hf_wemoe" or name.startswith("hf_wemoe."):
-                    raise ImportError("hf_wemoe is blocked in this process")
-
-        sys.meta_path.insert(0, Block())
         import torch
         from safetensors.torch import load_file
         from transformers import AutoModel

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.models.clip.modeling_clip import CLIPMLP
 
-from hf_wemoe import (
-    WEMoECLIPVisionModel,
-)
+from hf_wemoe import WEMoECLIPVisionModel
 
 MLP_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
@@ -106,3 +104,16 @@ def reference_forward(model: WEMoECLIPVisionModel, pixel_values: torch.Tensor, f
         moe_position += 1
     pooled = model.post_layernorm(hidden[:, 0])
     return pooled, hidden, routing_per_layer
+
+
+def saved_tensor_sizes(model: torch.nn.Module, pixel_values: torch.Tensor) -> list[int]:
+    """The sizes (numel) of every tensor autograd saves for backward in one forward and backward pass."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(pixel_values).pooler_output.sum().backward()
+    return saved

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
+from hf_wemoe.toy.models import byte_symbols
+
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
@@ -28,23 +30,6 @@ _MERGES = [
 ]
 
 
-def _byte_symbols() -> list[str]:
-    """The 256 printable characters that byte-level BPE uses for the 256 byte values (GPT-2 style mapping)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    symbols, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            symbols[byte] = chr(byte)
-        else:
-            symbols[byte] = chr(256 + extra)
-            extra += 1
-    return [symbols[b] for b in range(256)]
-
-
 def write_tiny_clip_tokenizer(path: str | Path, model_max_length: int = 77) -> CLIPTokenizer:
     """Write vocab.json/merges.txt for a tiny byte-level CLIP tokenizer into ``path`` and save it there.
 
@@ -53,7 +38,8 @@ def write_tiny_clip_tokenizer(path: str | Path, model_max_length: int = 77) -> C
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokens = _byte_symbols() + [s + "</w>" for s in _byte_symbols()]
+    symbols = list(byte_symbols().values())  # byte-level BPE's printable symbol for each byte, in byte order
+    tokens = symbols + [s + "</w>" for s in symbols]
     tokens += ["".join(pair) for pair in _MERGES if "".join(pair) not in tokens]
     tokens += [BOS, EOS]
     (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))

@@ -72,17 +72,8 @@ from hf_wemoe.toy.training import (
 from hf_wemoe.utils.progress import log_stage, progress, progress_bar, quiet_libraries
 from hf_wemoe.version import __version__
 
-__all__ = [
-    "BASE_NAME",
-    "PRESETS",
-    "RECIPE_VERSION",
-    "ToyZooPreset",
-    "ZooManifest",
-    "build_toy_zoo",
-    "custom_preset",
-    "default_zoo_dir",
-    "get_toy_zoo",
-]
+__all__ = ["PRESETS", "ToyZooPreset", "build_toy_zoo", "custom_preset", "get_toy_zoo"]
+
 
 @dataclass(frozen=True)
 class ToyZooPreset:

@@ -34,6 +34,7 @@ __all__ = [
     "build_image_processor",
     "build_processor",
     "build_tokenizer",
+    "byte_symbols",
     "caption_words",
     "to_pixel_values",
 ]
@@ -133,7 +134,7 @@ def _make_tokenizer(
     return CLIPTokenizer(vocab=full, merges=list(merges), model_max_length=model_max_length)
 
 
-def _byte_symbols() -> dict[int, str]:
+def byte_symbols() -> dict[int, str]:
     """The byte -> printable-symbol table of byte-level BPE (the one the ``ByteLevel`` pre-tokenizer uses)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -147,7 +148,7 @@ def _byte_symbols() -> dict[int, str]:
     return table
 
 
-_BYTE_TO_SYMBOL = _byte_symbols()
+_BYTE_TO_SYMBOL = byte_symbols()
 
 
 def build_clip_config(tokenizer: CLIPTokenizer, sizes: ModelSizes) -> CLIPConfig:
