@@ -23,18 +23,12 @@ from bad_input import (
     silent_endpoint_env,
     write_malicious_pickle,
 )
-from checkpoints import write_checkpoint
-from tiny_models import make_base_and_experts
+from checkpoints import write_expert_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bad-merge")
-    base, experts = make_base_and_experts(num_experts=2, seed=0)
-    folders = {"base": write_checkpoint(base, root / "base")}
-    for name, expert in experts.items():
-        folders[name] = write_checkpoint(expert, root / name)
-    return folders
+    return write_expert_world(tmp_path_factory.mktemp("bad-merge"), num_experts=2, seed=0)
 
 
 def spoiled(world: dict[str, Path], tmp: Path, how: str) -> Path:

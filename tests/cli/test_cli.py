@@ -16,13 +16,12 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from checkpoints import write_checkpoint
+from checkpoints import write_expert_world
 from hf_wemoe.cli.commands import COMMANDS
 from hf_wemoe.cli.main import build_parser, command_name, main
 from hf_wemoe.cli.options import resolve_options
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.merging.recipe import MergeRecipe
-from tiny_models import make_base_and_experts
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 NAMES = ["task0", "task1", "task2"]
@@ -32,10 +31,7 @@ NAMES = ["task0", "task1", "task2"]
 def zoo(tmp_path_factory) -> Path:
     """A tiny base and three experts on disk, as folders `base`, `task0`, ... (the names old recipes use)."""
     root = tmp_path_factory.mktemp("cli-zoo")
-    base, experts = make_base_and_experts(num_experts=3, seed=0)
-    write_checkpoint(base, root / "base")
-    for name, expert in experts.items():
-        write_checkpoint(expert, root / name)
+    write_expert_world(root, num_experts=3, seed=0)
     return root
 
 

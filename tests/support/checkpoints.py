@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
+from tiny_models import make_base_and_experts
+
 TINY_TEXT = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -56,3 +58,13 @@ def write_checkpoint(model: CLIPVisionModel, folder: Path, layout: str = "v5") -
     else:
         raise ValueError(layout)
     return folder
+
+
+def write_expert_world(root: Path, num_experts: int = 2, seed: int = 0) -> dict[str, Path]:
+    """A tiny base and `num_experts` experts (`tiny_models.make_base_and_experts`) saved under `root` in the v5
+    layout, as folders `base`, `task0`, `task1`, ...; returns name -> folder."""
+    base, experts = make_base_and_experts(num_experts=num_experts, seed=seed)
+    folders = {"base": write_checkpoint(base, root / "base")}
+    for name, expert in experts.items():
+        folders[name] = write_checkpoint(expert, root / name)
+    return folders

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import write_checkpoint
+from checkpoints import write_expert_world
 from hf_wemoe.cli.main import main
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.io import outputs
@@ -45,12 +45,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "hf_wemoe"
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("helpers-zoo")
-    base, experts = make_base_and_experts(num_experts=2, seed=3)
-    folders = {"base": write_checkpoint(base, root / "base")}
-    for name, expert in experts.items():
-        folders[name] = write_checkpoint(expert, root / name)
-    return folders
+    return write_expert_world(tmp_path_factory.mktemp("helpers-zoo"), num_experts=2, seed=3)
 
 
 def merge(zoo, output: Path, overwrite: bool = False, **extra):
