@@ -234,7 +234,7 @@ def local_source_paths(folder: str | Path) -> list[str]:
     push` warns about it. Empty when a source is a Hub repo or the folder records no sources.
     """
     folder = Path(folder)
-    config = _read_json(folder / "config.json", "config.json")
+    config = _read_json(folder / CONFIG_NAME, CONFIG_NAME)
     if config.get("model_type") not in MODEL_KINDS:
         return []
     is_wemoe, full_clip = MODEL_KINDS[config["model_type"]]

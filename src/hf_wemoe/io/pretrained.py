@@ -24,6 +24,7 @@ from transformers import AutoConfig
 
 from hf_wemoe.errors import SourceError
 from hf_wemoe.io.hub import install_timeouts, is_connection_error, offline
+from hf_wemoe.io.layout import CONFIG_NAME
 from hf_wemoe.io.sources import (
     PICKLE_INDEX_NAME,
     PICKLE_NAME,
@@ -117,7 +118,7 @@ def _hub_file_names(ref: ModelReference) -> tuple[set[str] | None, bool]:
 
 
 def _in_local_cache(ref: ModelReference) -> bool:
-    return isinstance(try_to_load_from_cache(ref.repo_id, "config.json", revision=ref.revision), str)
+    return isinstance(try_to_load_from_cache(ref.repo_id, CONFIG_NAME, revision=ref.revision), str)
 
 
 def load_config(location: PretrainedLocation, what: str = "model") -> Any:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.io.sources import parse_reference
+from hf_wemoe.io.pretrained import locate_pretrained
+from hf_wemoe.utils.formatting import first_line
 
 
 def save_model(
@@ -55,14 +56,13 @@ def _load_processor(reference: str, full: bool) -> Any:
     """The image processor (or, with `full`, the processor with the tokenizer) of a CLIP model reference."""
     from transformers import AutoImageProcessor, AutoProcessor
 
-    parsed = parse_reference(reference)
-    source, revision = (str(parsed.path), None) if parsed.is_local else (parsed.repo_id, parsed.revision)
+    # Resolved like every other model reference: a missing folder or an unreachable Hub is one line at once.
+    location = locate_pretrained(reference, need_weights=False)
     loader = AutoProcessor if full else AutoImageProcessor
     try:
-        return loader.from_pretrained(source, revision=revision)
+        return loader.from_pretrained(location.name_or_path, **location.load_kwargs())
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WEMoEError(f"cannot load the processor of {reference}: {first}") from err
+        raise WEMoEError(f"cannot load the processor of {reference}: {first_line(err)}") from err
 
 
 __all__ = ["save_model"]

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_wemoe.evaluation import task_accuracy
+from hf_wemoe.io.layout import SAFETENSORS_NAME
 from hf_wemoe.merging.static import task_arithmetic
 from hf_wemoe.toy.manifest import ZooManifest, default_zoo_dir
 from hf_wemoe.toy.models import to_pixel_values
@@ -95,7 +96,7 @@ def evaluate_world(zoo, lam: float = 0.3, progress: bool | None = False) -> dict
         vision = base.vision_model
         classifier = ZeroShotClassifier(vision, base.visual_projection)
         theta0 = {k: v.clone() for k, v in vision.state_dict().items()}
-        experts = {t: load_file(str(manifest.expert_path(t) / "model.safetensors")) for t in tasks}
+        experts = {t: load_file(str(manifest.expert_path(t) / SAFETENSORS_NAME)) for t in tasks}
 
         def score(state: Mapping[str, torch.Tensor], task: str) -> float:
             vision.load_state_dict(state)

@@ -22,6 +22,7 @@ from hf_wemoe.adaptation import TrainOptions, adapt_routers
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import EvalResult, evaluate_tasks, write_results
 from hf_wemoe.hub.cards import MERGE_CONFIG_NAME, write_card
+from hf_wemoe.io.layout import EVAL_RESULTS_NAME
 from hf_wemoe.io.outputs import atomic_output_dir, check_output_dir
 from hf_wemoe.io.sources import parse_reference
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
@@ -163,7 +164,7 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
             }
             if summary.baseline is not None:
                 payload["baselines"] = [{"name": "before adaptation", **summary.baseline.to_dict()}]
-            write_results(staging / "eval_results.json", payload)
+            write_results(staging / EVAL_RESULTS_NAME, payload)
             plot_routing(
                 summary.result.routing,
                 list(vision.config.expert_names),

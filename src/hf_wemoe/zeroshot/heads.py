@@ -22,6 +22,7 @@ from torch import nn
 
 from hf_wemoe.errors import SourceError, WEMoEError
 from hf_wemoe.io.hub import install_timeouts
+from hf_wemoe.io.layout import CARD_NAME, CONFIG_NAME
 from hf_wemoe.io.pretrained import load_config, load_model, locate_pretrained
 from hf_wemoe.io.sources import ModelReference, parse_reference
 from hf_wemoe.utils.formatting import first_line
@@ -41,7 +42,7 @@ _CACHE_FORMAT = "hf_wemoe.zeroshot_head.v1"
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 # Files of a local model folder that do not change the text tower or the tokenizer: docs, and weights for
 # other frameworks (transformers loads PyTorch weights, preferring safetensors over .bin).
-_IGNORED_FILES = {"README.md", ".gitattributes"}
+_IGNORED_FILES = {CARD_NAME, ".gitattributes"}
 _OTHER_FRAMEWORK_SUFFIXES = (".h5", ".msgpack", ".onnx", ".ot")
 
 
@@ -212,7 +213,7 @@ def _cached_commit(repo: str, revision: str | None) -> str | None:
     """The commit that ``repo@revision`` points to in the local Hub cache, if it is there."""
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+    cached = try_to_load_from_cache(repo, CONFIG_NAME, revision=revision)
     return Path(cached).parent.name if isinstance(cached, str) else None  # .../snapshots/<sha>/config.json
 
 
