@@ -1,8 +1,28 @@
-"""Router adaptation: train only the WEMoE routers, by entropy minimisation on unlabelled data (or supervised).
+"""Router adaptation: train only the WEMoE routers on unlabelled data (or supervised).
 
 One step takes one batch from every task (tasks are all sampled every step) and sums the per-task losses. An
 `accelerate.Accelerator` drives devices, mixed precision, gradient accumulation and trackers. Checkpoints are
 safetensors and JSON written here (not accelerate's pickle files), so resuming never unpickles anything.
+
+Objectives (`TrainOptions.objective`), all per task and summed over tasks:
+
+- `entropy`: the papers' test-time objective, the mean entropy of the predictions. It can collapse: a task whose
+  predictions drift towards a few classes lowers its entropy by predicting those classes ever more confidently.
+- `infomax`: mean entropy minus the entropy of the batch-marginal prediction (information maximisation): confident
+  *and* diverse predictions, so predicting one class everywhere is penalised instead of rewarded.
+- `supervised`: cross-entropy with the labels.
+
+`routing_loss` adds a term that uses only which task's dataset each image came from (test-time adaptation knows
+it; inference does not need it): the mean squared distance of every MoE layer's routing weights of a task's images
+from routing to that task's own expert alone (tasks must be named like experts). Inference stays per-sample
+routing without any task id.
+
+Every `monitor_every` steps, a fixed probe set of unlabelled images per task measures how many classes each task
+still predicts (the exponential of the marginal entropy), the mean entropy, the mutual information between
+images and predictions (marginal minus mean entropy), and the mean routing weight of every expert. A task whose
+number of predicted classes falls below `collapse_fraction` of its starting value is *collapsing*: a warning names
+it. With `keep_best`, the routers of the probe with the highest mean mutual information (an unlabelled criterion;
+the starting routers included) are kept at the end instead of the last ones.
 
 Data order is a pure function of (seed, task, position): each task's samples form an endless stream of seeded
 permutations, and the global batch of micro-step m is positions [m*B, (m+1)*B) of that stream. A checkpoint
@@ -14,6 +34,7 @@ batch (router gradients are averaged across processes).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -33,6 +54,11 @@ from hf_wemoe.utils.progress import progress_bar
 from hf_wemoe.zeroshot.classifier import ClassificationTask, ZeroShotClassifier
 from hf_wemoe.zeroshot.data import collate_images
 
+logger = logging.getLogger(__name__)
+
+Objective = Literal["entropy", "infomax", "supervised"]
+OBJECTIVES: tuple[str, ...] = ("entropy", "infomax", "supervised")
+
 
 class TrainOptions(BaseModel):
     """Router-adaptation hyperparameters, shared by the `hf-wemoe train` flags and its YAML config file."""
@@ -46,9 +72,33 @@ class TrainOptions(BaseModel):
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast precision")
     seed: int = Field(0, description="seed of the data order")
-    objective: Literal["entropy", "supervised"] = Field(
+    objective: Objective = Field(
         "entropy",
-        description="loss: entropy of the predictions (unlabelled), or cross-entropy with the labels",
+        description="loss per task: entropy (the papers': mean entropy of the predictions, can collapse), "
+        "infomax (mean entropy minus the entropy of the batch-marginal prediction: confident and diverse), or "
+        "supervised (cross-entropy with the labels)",
+    )
+    routing_loss: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="weight of a term pulling each task's routing towards its own expert (uses which task's "
+        "dataset an image came from, never at inference; tasks must be named like experts)",
+    )
+    monitor_every: int = Field(
+        20, ge=0, description="measure collapse and routing on a fixed probe set every N steps (0: never)"
+    )
+    monitor_images: int = Field(64, ge=1, description="unlabelled probe images per task for the monitor")
+    collapse_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="warn when a task predicts fewer than this fraction of the classes it predicted at the start",
+    )
+    keep_best: bool = Field(
+        False,
+        description="keep the routers of the probe with the highest mutual information between images and "
+        "predictions (unlabelled; the starting routers included) instead of the last ones",
     )
     routing: RoutingMode | None = Field(
         None,
@@ -63,6 +113,33 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     """Mean Shannon entropy of softmax(logits) over the batch (computed in float32)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+
+
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of the batch-marginal prediction, the mean of softmax(logits) over the batch (float32)."""
+    marginal = torch.softmax(logits.float(), dim=-1).mean(dim=0)
+    return -(marginal * torch.log(marginal.clamp_min(1e-12))).sum()
+
+
+def infomax_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean entropy minus marginal entropy: minimised by confident predictions that still use every class."""
+    return entropy_loss(logits) - marginal_entropy(logits)
+
+
+def routing_target_loss(routing: Sequence[torch.Tensor], expert: int) -> torch.Tensor:
+    """Mean squared distance of routing weights (one (B, K) tensor per MoE layer) from routing to `expert` alone."""
+    stacked = torch.stack([weights.float() for weights in routing])  # (layers, B, K)
+    target = torch.zeros(stacked.shape[-1], device=stacked.device)
+    target[expert] = 1.0
+    return (stacked - target).pow(2).sum(dim=-1).mean()
+
+
+def objective_label(options: TrainOptions) -> str:
+    """How a row of a results table was adapted, e.g. `entropy` or `infomax + routing 1`."""
+    label = options.objective
+    if options.routing_loss:
+        label += f" + routing {options.routing_loss:g}"
+    return label + (" (best kept)" if options.keep_best else "")
 
 
 def stream_indices(num_samples: int, seed: int, task_index: int, start: int, count: int) -> list[int]:
@@ -122,9 +199,10 @@ def save_checkpoint(
     scaler,
     progress: _ProgressState,
     data_order: dict,
+    monitor: AdaptationMonitor | None = None,
 ) -> None:
     """Write a training checkpoint (router weights, optimizer, scheduler and grad-scaler state, counters, data
-    order) atomically: the folder appears complete or not at all."""
+    order, the monitor's records and best routers) atomically: the folder appears complete or not at all."""
     tensors: dict[str, torch.Tensor] = {}
     state = {
         "format": _CHECKPOINT_FORMAT,
@@ -134,7 +212,10 @@ def save_checkpoint(
         "optimizer": encode_state(optimizer.state_dict(), tensors, "optimizer"),
         "scheduler": encode_state(scheduler.state_dict(), tensors, "scheduler"),
         "grad_scaler": encode_state(scaler.state_dict(), tensors, "grad_scaler") if scaler is not None else None,
+        "monitor": monitor.state() if monitor is not None else None,
     }
+    if monitor is not None and monitor.best_routers is not None:
+        tensors.update({_BEST_PREFIX + name: value.cpu() for name, value in monitor.best_routers.items()})
     routers = {name: p.detach().cpu() for name, p in _router_parameters(model).items()}
     with atomic_output_dir(folder, overwrite=True) as staging:
         write_tensors(staging / CHECKPOINT_ROUTERS_NAME, routers)
@@ -150,6 +231,7 @@ def load_checkpoint(
     scaler,
     progress: _ProgressState,
     data_order: dict,
+    monitor: AdaptationMonitor | None = None,
 ) -> None:
     """Restore what `save_checkpoint` wrote, reading only safetensors and JSON (other files are ignored).
 
@@ -191,12 +273,171 @@ def load_checkpoint(
         scheduler.load_state_dict(decode_state(state["scheduler"], tensors))
         if scaler is not None and state.get("grad_scaler") is not None:
             scaler.load_state_dict(decode_state(state["grad_scaler"], tensors))
+        if monitor is not None and state.get("monitor") is not None:
+            monitor.load_state(state["monitor"], tensors)
     except (KeyError, TypeError, ValueError) as err:
         raise WEMoEError(f"{folder} is a damaged training checkpoint: {' '.join(str(err).split())}") from err
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(routers[name])
     progress.step, progress.micro_step = step, micro_step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The monitor: collapse detection, routing statistics and the best routers by an unlabelled criterion.
+
+
+class AdaptationMonitor:
+    """Measures every task on a fixed probe set of unlabelled images, detects collapse and keeps the best routers.
+
+    The probe images of each task are the first `options.monitor_images` of a seeded permutation of its samples,
+    the same in every process and every run with the same seed. A probe (`measure`) records per task:
+    `classes` (the exponential of the marginal entropy: how many classes the task still predicts), `entropy`
+    (mean prediction entropy), `information` (marginal minus mean entropy: the mutual information between images
+    and predictions, in nats) and `routing` (mean routing weight of every expert, averaged over MoE layers); its
+    `score` is the mean information over tasks.
+    """
+
+    def __init__(
+        self,
+        classifier: ZeroShotClassifier,
+        tasks: Sequence[ClassificationTask],
+        options: TrainOptions,
+        batch_size: int = 128,
+    ) -> None:
+        self.classifier = classifier
+        self.tasks = list(tasks)
+        self.options = options
+        self.batch_size = batch_size
+        self.indices = {
+            task.name: torch.randperm(
+                len(task.dataset), generator=torch.Generator().manual_seed(_stream_seed(options.seed, i, -1))
+            )[: options.monitor_images].tolist()
+            for i, task in enumerate(self.tasks)
+        }
+        self.records: list[dict] = []
+        self.start: dict[str, float] = {}
+        self.collapsed: dict[str, int] = {}
+        self.best_score = -math.inf
+        self.best_step: int | None = None
+        self.best_routers: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def measure(self, step: int) -> dict:
+        """Probe every task at `step`; warns about newly collapsing tasks and updates the best routers."""
+        was_training = self.classifier.training
+        self.classifier.eval()
+        device = next(self.classifier.parameters()).device
+        record: dict = {"step": step, "tasks": {}}
+        try:
+            for task in self.tasks:
+                logits, routing = [], []
+                indices = self.indices[task.name]
+                for first in range(0, len(indices), self.batch_size):
+                    batch = collate_images([task.dataset[i] for i in indices[first : first + self.batch_size]])
+                    out, weights = self.classifier(
+                        batch["pixel_values"].to(device), task.head.to(device), output_routing_weights=True
+                    )
+                    logits.append(out.float())
+                    routing.append(torch.stack([w.float() for w in weights]).mean(dim=0))  # (B, K)
+                logits_all = torch.cat(logits)
+                mean_entropy = float(entropy_loss(logits_all))
+                marginal = float(marginal_entropy(logits_all))
+                record["tasks"][task.name] = {
+                    "classes": round(math.exp(marginal), 4),
+                    "entropy": round(mean_entropy, 5),
+                    "information": round(marginal - mean_entropy, 5),
+                    "routing": [round(float(v), 5) for v in torch.cat(routing).mean(dim=0)],
+                }
+        finally:
+            self.classifier.train(was_training)
+        record["score"] = round(sum(t["information"] for t in record["tasks"].values()) / len(self.tasks), 5)
+        self.records.append(record)
+        self._check_collapse(record)
+        if record["score"] > self.best_score:
+            self.best_score, self.best_step = record["score"], step
+            if self.options.keep_best:
+                self.best_routers = {
+                    name: p.detach().clone()
+                    for name, p in _router_parameters(self.classifier.vision_model).items()
+                }
+        return record
+
+    def _check_collapse(self, record: dict) -> None:
+        for name, values in record["tasks"].items():
+            if name not in self.start:
+                self.start[name] = values["classes"]
+                continue
+            if name in self.collapsed or values["classes"] >= self.options.collapse_fraction * self.start[name]:
+                continue
+            self.collapsed[name] = record["step"]
+            hint = (
+                "the best routers so far will be kept (--keep-best)"
+                if self.options.keep_best
+                else "use --objective infomax, a --routing-loss, or --keep-best to keep the best routers"
+            )
+            logger.warning(
+                "task %r is collapsing at step %d: its predictions use %.1f classes, %.1f at the start; %s",
+                name,
+                record["step"],
+                values["classes"],
+                self.start[name],
+                hint,
+            )
+
+    def restore_best(self) -> bool:
+        """Put the best routers back (with `keep_best`); returns whether they differ from the last ones."""
+        if self.best_routers is None or self.best_step == (self.records[-1]["step"] if self.records else None):
+            return False
+        parameters = _router_parameters(self.classifier.vision_model)
+        with torch.no_grad():
+            for name, value in self.best_routers.items():
+                parameters[name].copy_(value)
+        return True
+
+    def tracker_values(self, record: dict) -> dict[str, float]:
+        """The probe's scalars, named for trackers (`monitor/<task>/classes`, ...)."""
+        values = {"monitor/score": record["score"]}
+        for task, stats in record["tasks"].items():
+            for key in ("classes", "entropy", "information"):
+                values[f"monitor/{task}/{key}"] = stats[key]
+            for expert, weight in zip(self.classifier.vision_model.config.expert_names, stats["routing"]):
+                values[f"monitor/{task}/routing/{expert}"] = weight
+        return values
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the monitor (the best routers are stored as tensors beside it)."""
+        return {
+            "records": self.records,
+            "start": self.start,
+            "collapsed": self.collapsed,
+            "best_score": self.best_score if self.best_step is not None else None,
+            "best_step": self.best_step,
+        }
+
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore `state()` and the best routers saved with it."""
+        self.records = list(state.get("records", []))
+        self.start = dict(state.get("start", {}))
+        self.collapsed = {k: int(v) for k, v in state.get("collapsed", {}).items()}
+        self.best_step = state.get("best_step")
+        self.best_score = state["best_score"] if state.get("best_score") is not None else -math.inf
+        best = {k[len(_BEST_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_BEST_PREFIX)}
+        self.best_routers = best or None
+
+    def summary(self) -> dict:
+        """The trajectory, the collapsed tasks (name -> step) and the best probe, for eval_results.json."""
+        return {
+            "probe_images": self.options.monitor_images,
+            "every": self.options.monitor_every,
+            "trajectory": self.records,
+            "collapsed": dict(self.collapsed),
+            "best_step": self.best_step,
+            "best_score": self.best_score if self.best_step is not None else None,
+        }
+
+
+_BEST_PREFIX = "best_routers."
 
 
 def launched_on_cpu_only() -> bool:
@@ -245,6 +486,14 @@ def adapt_routers(
             "the model has no routers to adapt (a static CLIP vision model); build a WEMoE model with "
             "`hf-wemoe merge --method wemoe` first"
         )
+    if options.routing_loss:
+        experts = list(classifier.vision_model.config.expert_names)
+        strangers = [t.name for t in tasks if t.name not in experts]
+        if strangers:
+            raise WEMoEError(
+                f"--routing-loss pulls each task towards the expert of the same name, and task(s) {strangers} "
+                f"name no expert (experts: {', '.join(experts)}); rename the tasks or drop --routing-loss"
+            )
     if options.objective == "supervised":
         unlabelled = [t.name for t in tasks if t.dataset.label_column is None]
         if unlabelled:
@@ -277,9 +526,10 @@ def adapt_routers(
     optimizer = accelerator.prepare_optimizer(optimizer)
     progress_state = _ProgressState()
     data_order = _data_order(tasks, options)
+    monitor = AdaptationMonitor(classifier, tasks, options) if options.monitor_every else None
     if resume_from is not None:
         load_checkpoint(
-            resume_from, vision, optimizer, scheduler, accelerator.scaler, progress_state, data_order
+            resume_from, vision, optimizer, scheduler, accelerator.scaler, progress_state, data_order, monitor
         )
     if report_to:
         accelerator.init_trackers("hf-wemoe", config=run_config or options.model_dump())
@@ -293,6 +543,10 @@ def adapt_routers(
         show=progress if accelerator.is_local_main_process else False,
         initial=progress_state.step,
     )
+    expert_index = {name: i for i, name in enumerate(vision.config.expert_names)}
+    with_routing = bool(options.routing_loss)
+    if monitor is not None and not monitor.records:
+        _log_probe(monitor, monitor.measure(progress_state.step), accelerator, report_to)
     classifier.train()
     while progress_state.step < options.steps:
         with accelerator.accumulate(classifier):
@@ -304,17 +558,21 @@ def adapt_routers(
             ]
             with accelerator.autocast():
                 embeds = _embed_batches(
-                    classifier, [b["pixel_values"].to(accelerator.device) for b in batches]
+                    classifier, [b["pixel_values"].to(accelerator.device) for b in batches], with_routing
                 )
             loss = 0.0
-            for task, batch, task_embeds in zip(tasks, batches, embeds):
+            for task, batch, (task_embeds, routing) in zip(tasks, batches, embeds):
                 logits = heads[task.name](task_embeds.float())
                 if options.objective == "entropy":
                     loss = loss + entropy_loss(logits)
+                elif options.objective == "infomax":
+                    loss = loss + infomax_loss(logits)
                 else:
                     loss = loss + torch.nn.functional.cross_entropy(
                         logits, batch["labels"].to(accelerator.device)
                     )
+                if with_routing:
+                    loss = loss + options.routing_loss * routing_target_loss(routing, expert_index[task.name])
                 images += local_batch * world
             if not torch.isfinite(loss):
                 raise WEMoEError(
@@ -339,6 +597,8 @@ def adapt_routers(
         bar.update(1, loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
         if report_to and progress_state.step % options.log_every == 0:
             accelerator.log({"loss": last_loss, "lr": scheduler.get_last_lr()[0]}, step=progress_state.step)
+        if monitor is not None and progress_state.step % options.monitor_every == 0:
+            _log_probe(monitor, monitor.measure(progress_state.step), accelerator, report_to)
         if checkpoint_dir and options.save_every and progress_state.step % options.save_every == 0:
             if accelerator.is_main_process:  # every process holds the same routers and optimizer state
                 save_checkpoint(
@@ -349,10 +609,18 @@ def adapt_routers(
                     accelerator.scaler,
                     progress_state,
                     data_order,
+                    monitor,
                 )
             accelerator.wait_for_everyone()
     bar.close()
+    if monitor is not None and monitor.records[-1]["step"] != progress_state.step:
+        # The end of this run, after its last checkpoint: a resumed run never sees this probe, as a longer
+        # uninterrupted run would not have made it either.
+        _log_probe(monitor, monitor.measure(progress_state.step), accelerator, report_to)
     classifier.eval()
+    kept_best = monitor.restore_best() if monitor is not None and options.keep_best else False
+    if kept_best:
+        logger.info("kept the routers of step %s (highest mutual information on the probe set)", monitor.best_step)
     if report_to:
         accelerator.end_training()
     accelerator.wait_for_everyone()
@@ -362,7 +630,16 @@ def adapt_routers(
         "seconds": round(time.perf_counter() - start_time, 2),
         "processes": world,
         "is_main_process": accelerator.is_main_process,
+        "objective": objective_label(options),
+        "monitor": monitor.summary() if monitor is not None else None,
+        "kept_step": (monitor.best_step if kept_best else progress_state.step) if monitor is not None else None,
     }
+
+
+def _log_probe(monitor: AdaptationMonitor, record: dict, accelerator, report_to) -> None:
+    logger.debug("probe at step %d: score %.4f", record["step"], record["score"])
+    if report_to:
+        accelerator.log(monitor.tracker_values(record), step=record["step"])
 
 
 def _step_indices(
@@ -376,13 +653,22 @@ def _step_indices(
     ]
 
 
-def _embed_batches(classifier: ZeroShotClassifier, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Image embeddings of every task's batch. With per-sample routing every image is routed on its own, so
-    all tasks go through the model as one batch (same result, one pass); batch routing averages the routing
-    weights over a batch, so each task keeps its own pass."""
+def _embed_batches(
+    classifier: ZeroShotClassifier, batches: list[torch.Tensor], with_routing: bool = False
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]]:
+    """`(embeddings, routing weights per MoE layer or None)` of every task's batch. With per-sample routing every
+    image is routed on its own, so all tasks go through the model as one batch (same result, one pass); batch
+    routing averages the routing weights over a batch, so each task keeps its own pass."""
     if classifier.vision_model.config.routing == "sample":
-        return list(classifier.embed(torch.cat(batches)).split([len(b) for b in batches]))
-    return [classifier.embed(batch) for batch in batches]
+        sizes = [len(b) for b in batches]
+        if not with_routing:
+            return [(e, None) for e in classifier.embed(torch.cat(batches)).split(sizes)]
+        embeds, routing = classifier.embed(torch.cat(batches), output_routing_weights=True)
+        per_layer = [weights.split(sizes) for weights in routing]
+        return [(e, tuple(layer[i] for layer in per_layer)) for i, e in enumerate(embeds.split(sizes))]
+    if not with_routing:
+        return [(classifier.embed(batch), None) for batch in batches]
+    return [classifier.embed(batch, output_routing_weights=True) for batch in batches]
 
 
 def _average_gradients(parameters: Sequence[torch.nn.Parameter], accelerator) -> None:

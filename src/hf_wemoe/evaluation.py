@@ -62,6 +62,58 @@ def evaluate_tasks(
     return result
 
 
+class _MixedStream(torch.utils.data.Dataset):
+    """Every task's labelled images as one dataset; items also carry their task's position."""
+
+    def __init__(self, tasks: Sequence[ClassificationTask]) -> None:
+        self.tasks = list(tasks)
+        self.index = [(t, i) for t, task in enumerate(self.tasks) for i in range(len(task.dataset))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        task, index = self.index[position]
+        return {**self.tasks[task].dataset[index], "task": torch.tensor(task)}
+
+
+@torch.no_grad()
+def evaluate_mixed_stream(
+    classifier: ZeroShotClassifier,
+    tasks: Sequence[ClassificationTask],
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> EvalResult:
+    """Accuracy per task when all tasks' images arrive as one shuffled stream: every batch mixes tasks (no task id
+    reaches the model) and each image is scored with its own task's head.
+
+    With per-sample routing the accuracies equal `evaluate_tasks`' (each image is routed on its own); batch
+    routing averages the routing over images of different tasks, which is what this measures.
+    """
+    device = torch.device(device) if device is not None else next(classifier.parameters()).device
+    classifier.eval()
+    heads = [task.head.to(device) for task in tasks]
+    metrics = [load_accuracy() for _ in tasks]
+    counts = [0] * len(tasks)
+    loader = make_dataloader(_MixedStream(tasks), batch_size, shuffle=True, seed=seed)
+    for batch in report_progress(loader, "eval mixed stream", unit="batch", show=progress):
+        embeds = classifier.embed(batch["pixel_values"].to(device)).float()
+        for position in batch["task"].unique().tolist():
+            rows = batch["task"] == position
+            logits = heads[position](embeds[rows.to(device)])
+            metrics[position].add_batch(
+                predictions=logits.argmax(dim=-1).cpu(), references=batch["labels"][rows]
+            )
+            counts[position] += int(rows.sum())
+    result = EvalResult(accuracy={})
+    for task, metric, count in zip(tasks, metrics, counts):
+        result.accuracy[task.name] = 100.0 * metric.compute()["accuracy"]
+        result.num_examples[task.name] = count
+    return result
+
+
 @torch.no_grad()
 def task_accuracy(
     classifier: ZeroShotClassifier,

@@ -12,7 +12,7 @@ from hf_wemoe.cli.options import add_options, resolve_options
 
 # The names of hf_wemoe.toy.build.PRESETS, listed here so that building the parser does not load the toy zoo
 # (and torch); a test checks that the two agree.
-PRESET_NAMES = ("full", "small")
+PRESET_NAMES = ("full", "plain", "small")
 Preset = Literal[PRESET_NAMES]  # type: ignore[valid-type]
 
 DESCRIPTION = """\
@@ -26,6 +26,7 @@ is given.
 EXAMPLES = """\
 examples:
   hf-wemoe toy-zoo                              # the full preset in the cache folder
+  hf-wemoe toy-zoo --preset plain                # the world built plainly
   hf-wemoe toy-zoo --preset small --output toy-zoo-small
 """
 
@@ -44,7 +45,10 @@ class ToyZooOptions(BaseModel):
         },
     )
     preset: Preset = Field(
-        "full", description="full: about 4 minutes on 2 CPU cores; small: about a minute, for tests"
+        "full",
+        description="full: about 4 minutes on 2 CPU cores; plain: the same recipe built plainly (no "
+        "feature-preservation term, experts at CLIP's usual logit scale), where entropy adaptation collapses; "
+        "small: about a minute, for tests",
     )
     workers: int | None = Field(
         None,

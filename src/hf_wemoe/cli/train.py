@@ -14,8 +14,12 @@ from hf_wemoe.zeroshot.templates import TEMPLATES_HELP
 
 DESCRIPTION = (
     "Train only the routers of a WEMoE model: every step takes one batch from every task and minimises the "
-    "entropy of the zero-shot predictions (or the cross-entropy with --objective supervised). Writes the "
-    "adapted model, eval_results.json and routing.png to --output.\n\n"
+    "entropy of the zero-shot predictions (the papers' objective), an information-maximisation loss that "
+    "cannot collapse onto a few classes (--objective infomax), or the cross-entropy (--objective supervised); "
+    "--routing-loss adds a term pulling each task's images towards its own expert. A fixed probe set watches "
+    "every task: a task whose predictions collapse onto a few classes is named in a warning, and --keep-best "
+    "keeps the routers with the most information between images and predictions. Writes the adapted model, "
+    "eval_results.json (with the probe's trajectory) and routing.png to --output.\n\n"
     + DATASET_REF_HELP
     + "\n\n"
     + TEMPLATES_HELP
@@ -25,6 +29,8 @@ EXAMPLES = """\
 examples:
   hf-wemoe train --model wemoe-vit-b32 --task sun397=tanganke/sun397 --task svhn=ufldl-stanford/svhn:cropped_digits \\
       --output wemoe-vit-b32-tta
+  hf-wemoe train --model wemoe-toy --task digits=toy/digits --task colors=toy/colors --output adapted \
+      --objective infomax --routing-loss 1 --keep-best          # adaptation that does not collapse
   accelerate launch -m hf_wemoe train --config train.yaml          # several processes / GPUs
   torchrun --nproc_per_node 2 -m hf_wemoe train --config train.yaml
 """

@@ -88,24 +88,32 @@ class ToyZooPreset:
     sizes: ModelSizes = field(default_factory=ModelSizes)
     tasks: tuple[str, ...] = tuple(TASKS)
     domain_shift: float = 0.0
+    expert_logit_scale: float | None = None
+    """Logit scale the experts are fine-tuned at; None: the base's own learned scale (calibrated like the base)."""
 
     def to_dict(self) -> dict:
         """Plain-dict form for the manifest."""
         return asdict(self)
 
 
-#: The built-in presets. ``full`` shows the paper's effect clearly; ``small`` is a quick build for tests.
+_FULL = ToyZooPreset(
+    name="full",
+    n_pretrain=1500,
+    n_train=2000,
+    n_test=400,
+    pretrain=PretrainRecipe(steps=1500, batch_size=128, lr=2e-3, warmup=100),
+    finetune=FinetuneRecipe(steps=500, batch_size=64, lr=5e-3, other_lr_scale=0.01, warmup=20, preserve_weight=3.0),
+    domain_shift=1.0,
+)
+
+#: The built-in presets. ``full`` shows the paper's effect clearly; ``plain`` is the same recipe built plainly
+#: (experts fine-tuned on their task against the frozen zero-shot head and nothing else: no feature-preservation
+#: term, CLIP's usual logit scale 100 instead of the base's own), the world where entropy adaptation collapses;
+#: ``small`` is a quick build for tests.
 PRESETS: dict[str, ToyZooPreset] = {
-    "full": ToyZooPreset(
-        name="full",
-        n_pretrain=1500,
-        n_train=2000,
-        n_test=400,
-        pretrain=PretrainRecipe(steps=1500, batch_size=128, lr=2e-3, warmup=100),
-        finetune=FinetuneRecipe(
-            steps=500, batch_size=64, lr=5e-3, other_lr_scale=0.01, warmup=20, preserve_weight=3.0
-        ),
-        domain_shift=1.0,
+    "full": _FULL,
+    "plain": replace(
+        _FULL, name="plain", finetune=replace(_FULL.finetune, preserve_weight=0.0), expert_logit_scale=100.0
     ),
     "small": ToyZooPreset(
         name="small",
@@ -203,8 +211,9 @@ def build_toy_zoo(
     The zoo is built in a hidden staging folder beside ``output_dir`` and renamed into place at the end
     (:func:`hf_wemoe.io.outputs.atomic_output_dir`), so an interrupted build never leaves a half-written zoo
     behind. Only a toy zoo or an empty folder is ever replaced; a zoo that another build finished first is
-    kept. ``preset`` is ``"full"`` (about 4 minutes on two CPU cores), ``"small"`` (about a minute, for tests)
-    or a :class:`ToyZooPreset`.
+    kept. ``preset`` is ``"full"`` (about 4 minutes on two CPU cores), ``"plain"`` (the same recipe without the
+    feature-preservation term and logit-scale calibration), ``"small"`` (about a minute, for tests) or a
+    :class:`ToyZooPreset`.
 
     Raises:
         WEMoEError: unknown preset, or ``output_dir`` exists and ``overwrite`` is false.
@@ -349,7 +358,10 @@ def _build_into(root: Path, spec: ToyZooPreset, seed: int, show: bool | None, wo
         t0 = time.perf_counter()
         # Experts are fine-tuned at the base's own learned logit scale: the scale its zero-shot heads use, so
         # the pretrained model and the experts are calibrated alike and their confidences can be compared.
-        logit_scale = float(model.logit_scale.detach().exp())
+        # The plain preset fine-tunes at a fixed scale instead.
+        logit_scale = (
+            float(model.logit_scale.detach().exp()) if spec.expert_logit_scale is None else spec.expert_logit_scale
+        )
         pool = spec.finetune.preserve_pool
         preserve_pools = {}
         if spec.finetune.preserve_weight > 0:

@@ -1,4 +1,5 @@
-"""The routing plot: mean routing weight per layer and expert, for each task's data."""
+"""The routing plot: mean routing weight per layer and expert, for each task's data, and (after adaptation) how
+each task's routing moved over the adaptation steps."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ def plot_routing(
     expert_names: list[str],
     path: str | Path,
     layers: list[int] | None = None,
+    trajectory: list[dict] | None = None,
 ) -> Path:
     """Write a PNG with one heatmap per task: rows are MoE layers, columns experts, colour the mean weight.
 
     `routing` maps task name -> (num_moe_layers, num_experts) mean routing weights on that task's data.
+    `trajectory` (the adaptation monitor's records: `{"step", "tasks": {task: {"routing": [K weights], ...}}}`)
+    adds one panel per task below the heatmaps: each expert's mean routing weight over the adaptation steps.
     """
     import matplotlib
 
@@ -29,13 +33,18 @@ def plot_routing(
     vmin, vmax = float(values.min()), float(values.max())
     num_layers = values.shape[1]
     layer_labels = [str(i) for i in (layers or range(num_layers))]
-    figure, axes = plt.subplots(
-        rows,
-        columns,
-        figsize=(0.5 * len(expert_names) * columns + 2.5, 0.3 * num_layers * rows + 1.8),
-        squeeze=False,
-        constrained_layout=True,
-    )
+    heat_height = 0.3 * num_layers * rows + 1.8
+    width = 0.5 * len(expert_names) * columns + 2.5
+    moving = [t for t in tasks if trajectory and all(t in r["tasks"] for r in trajectory)]
+    if moving:
+        line_height = 2.2 * ((len(moving) + columns - 1) // columns) + 0.6
+        root = plt.figure(figsize=(max(width, 3.2 * columns), heat_height + line_height), constrained_layout=True)
+        top, bottom = root.subfigures(2, 1, height_ratios=[heat_height, line_height])
+        _plot_trajectory(bottom, trajectory, moving, expert_names, columns)
+    else:
+        root = top = plt.figure(figsize=(width, heat_height), constrained_layout=True)
+    figure = top
+    axes = top.subplots(rows, columns, squeeze=False)
     image = None
     for index, axis in enumerate(axes.flat):
         if index >= len(tasks):
@@ -56,6 +65,34 @@ def plot_routing(
     figure.colorbar(image, ax=axes, shrink=0.8, label="mean routing weight")
     figure.suptitle("WEMoE routing weights per layer and expert, by input task")
     path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    root.savefig(path, dpi=110)
+    plt.close(root)
     return path
+
+
+def _plot_trajectory(figure, trajectory: list[dict], tasks: list[str], expert_names: list[str], columns: int) -> None:
+    """One panel per task: every expert's routing weight (mean over MoE layers and probe images) against step."""
+    import matplotlib.pyplot as plt
+
+    steps = [record["step"] for record in trajectory]
+    rows = (len(tasks) + columns - 1) // columns
+    axes = figure.subplots(rows, columns, squeeze=False)
+    colours = plt.get_cmap("tab10" if len(expert_names) <= 10 else "tab20")
+    for index, axis in enumerate(axes.flat):
+        if index >= len(tasks):
+            axis.axis("off")
+            continue
+        task = tasks[index]
+        for column, expert in enumerate(expert_names):
+            weights = [record["tasks"][task]["routing"][column] for record in trajectory]
+            own = expert == task
+            axis.plot(
+                steps, weights, color=colours(column % colours.N), lw=2.2 if own else 0.9, label=expert
+            )
+        axis.set_title(f"data: {task}", fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        axis.tick_params(labelsize=7)
+    axes.flat[0].set_ylabel("mean routing weight", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right center", fontsize=7)
+    figure.suptitle("routing over the adaptation steps (the task's own expert drawn thick)", fontsize=10)

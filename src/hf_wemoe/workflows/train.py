@@ -76,6 +76,12 @@ class TrainSummary:
     tasks: list[str]
     output: Path | None = None
     """The adapted model folder (main process only)."""
+    objective: str = "entropy"
+    """How the routers were adapted (`hf_wemoe.adaptation.objective_label`)."""
+    monitor: dict | None = None
+    """The adaptation monitor's trajectory, collapsed tasks and best probe (None with `monitor_every` 0)."""
+    kept_step: int | None = None
+    """The step whose routers the model holds (the best one with `keep_best`)."""
     result: EvalResult | None = None
     """Accuracy of the adapted model (None with `evaluate` off or without labelled data)."""
     baseline: EvalResult | None = None
@@ -83,9 +89,16 @@ class TrainSummary:
 
     def line(self) -> str:
         """A one-line summary for the command line."""
+        kept = (
+            f", kept the routers of step {self.kept_step}"
+            if self.kept_step is not None and self.kept_step != self.steps
+            else ""
+        )
+        collapsed = sorted((self.monitor or {}).get("collapsed", {}))
+        warning = f"; collapsing task(s): {', '.join(collapsed)}" if collapsed else ""
         return (
-            f"adapted routers for {self.steps} steps on {len(self.tasks)} tasks ({self.processes} process(es), "
-            f"{self.seconds:.0f}s, final loss {self.final_loss:.4f})"
+            f"adapted routers for {self.steps} steps on {len(self.tasks)} tasks with {self.objective} "
+            f"({self.processes} process(es), {self.seconds:.0f}s, final loss {self.final_loss:.4f}{kept}){warning}"
         )
 
 
@@ -131,6 +144,9 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
         processes=trained["processes"],
         is_main_process=trained["is_main_process"],
         tasks=list(config.task),
+        objective=trained["objective"],
+        monitor=trained["monitor"],
+        kept_step=trained["kept_step"],
     )
     if not summary.is_main_process:
         return summary
@@ -146,7 +162,9 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
             "adaptation": {
                 "tasks": dict(config.task),
                 "options": options.model_dump(),
+                "objective": summary.objective,
                 "steps": summary.steps,
+                "kept_step": summary.kept_step,
                 "final_loss": summary.final_loss,
             },
         }
@@ -164,12 +182,19 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
             }
             if summary.baseline is not None:
                 payload["baselines"] = [{"name": "before adaptation", **summary.baseline.to_dict()}]
+            payload["adaptation"] = {
+                "objective": summary.objective,
+                "steps": summary.steps,
+                "kept_step": summary.kept_step,
+                "monitor": summary.monitor,
+            }
             write_results(staging / EVAL_RESULTS_NAME, payload)
             plot_routing(
                 summary.result.routing,
                 list(vision.config.expert_names),
                 staging / "routing.png",
                 layers=vision.config.moe_layer_indices,
+                trajectory=(summary.monitor or {}).get("trajectory"),
             )
         try:
             write_card(staging, model_id=output.name)
