@@ -84,6 +84,7 @@ class TrainOptions(BaseModel):
         allow_inf_nan=False,
         description="weight of a term pulling each task's routing towards its own expert (uses which task's "
         "dataset an image came from, never at inference; tasks must be named like experts)",
+        json_schema_extra={"metavar": "W"},
     )
     monitor_every: int = Field(
         20, ge=0, description="measure collapse and routing on a fixed probe set every N steps (0: never)"
@@ -94,6 +95,7 @@ class TrainOptions(BaseModel):
         gt=0,
         lt=1,
         description="warn when a task predicts fewer than this fraction of the classes it predicted at the start",
+        json_schema_extra={"metavar": "F"},
     )
     keep_best: bool = Field(
         False,

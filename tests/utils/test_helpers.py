@@ -128,7 +128,9 @@ def test_write_results_writes_json_and_its_table(tmp_path):
     assert not (tmp_path / "a" / "eval_results.md").exists()
     save_results([ResultRow("ties", None, {"x": 50.0})], ["x"], tmp_path / "b", preamble="note")
     assert json.loads((tmp_path / "b" / "results.json").read_text())[0]["method"] == "ties"
-    assert (tmp_path / "b" / "results.md").read_text().startswith("note\n\n| method | routing | x | average |")
+    assert (tmp_path / "b" / "results.md").read_text().startswith(
+        "note\n\n| method | adaptation | routing | stream | x | average | adaptation time |"
+    )
 
 
 # ------------------------------------------------------------------------------------ experiments, suites

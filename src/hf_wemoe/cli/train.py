@@ -29,7 +29,7 @@ EXAMPLES = """\
 examples:
   hf-wemoe train --model wemoe-vit-b32 --task sun397=tanganke/sun397 --task svhn=ufldl-stanford/svhn:cropped_digits \\
       --output wemoe-vit-b32-tta
-  hf-wemoe train --model wemoe-toy --task digits=toy/digits --task colors=toy/colors --output adapted \
+  hf-wemoe train --model wemoe-toy --task digits=toy/digits --task colors=toy/colors --output adapted \\
       --objective infomax --routing-loss 1 --keep-best          # adaptation that does not collapse
   accelerate launch -m hf_wemoe train --config train.yaml          # several processes / GPUs
   torchrun --nproc_per_node 2 -m hf_wemoe train --config train.yaml

@@ -2,10 +2,13 @@
 
 Given a pretrained CLIP model, one fine-tuned expert per task and each task's test data, it evaluates the
 pretrained model (zero-shot), every expert on its own task, the static merges (average, task arithmetic, TIES),
-WEMoE and E-WEMoE after router adaptation, and the oracle-routing bound (the WEMoE model collapsed, for each
-task, to that task's own expert MLPs). Merges go through `run_merge` and adaptation through `adapt_routers`,
-the same code as `hf-wemoe merge` and `hf-wemoe train`; evaluation uses the same heads and metric as
-`hf-wemoe eval`.
+WEMoE and E-WEMoE after each of the requested router adaptations (`Adaptation`: the papers' entropy minimisation,
+the training-free calibration, other objectives), and for every MoE method its own oracle-routing bound (the
+merged model collapsed, for each task, to that task's own expert task vectors *as stored*: for E-WEMoE the
+pruned ones). An adaptation with `mixed_stream` also evaluates its model on one shuffled stream of all tasks
+(each batch mixes tasks) with per-sample and batch routing. Merges go through `run_merge`, adaptation through
+`adapt_routers` and `calibrate_routers`, the same code as `hf-wemoe merge`, `train` and `calibrate`; evaluation
+uses the same heads and metric as `hf-wemoe eval`.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from hf_wemoe.adaptation import TrainOptions, adapt_routers
-from hf_wemoe.evaluation import evaluate_tasks, write_results
+from hf_wemoe.adaptation import TrainOptions, adapt_routers, objective_label
+from hf_wemoe.calibration import calibrate_routers
+from hf_wemoe.evaluation import evaluate_mixed_stream, evaluate_tasks, write_results
 from hf_wemoe.merging.recipe import MergeRecipe
 from hf_wemoe.merging.registry import get_method
 from hf_wemoe.utils.progress import quiet_libraries
@@ -33,36 +37,68 @@ from hf_wemoe.zeroshot.classifier import (
     prepare_tasks,
 )
 
-# Rows that are not merges: the pretrained model, each expert on its own task, and the oracle-routing bound
-# (computed from the first MoE merge with dense task vectors, shown after it).
+# Rows that are not merges: the pretrained model, each expert on its own task, and each MoE method's own
+# oracle-routing bound (shown after the method's rows).
 PRETRAINED, INDIVIDUAL, ORACLE = "pretrained", "individual", "oracle"
 DEFAULT_METHODS = (PRETRAINED, INDIVIDUAL, "average", "task-arithmetic", "ties", "wemoe", "e-wemoe", ORACLE)
 
 
 @dataclass
+class Adaptation:
+    """One way to set a MoE merge's routers before it is evaluated: the training-free calibration
+    (`calibrate_routers`, from `calibration_images` unlabelled images per task), gradient steps
+    (`adapt_routers` with `train`), or the calibration followed by gradient steps."""
+
+    train: TrainOptions | None = None
+    calibrate: bool = False
+    calibration_images: int = 64
+    mixed_stream: bool = False
+    """Also evaluate the adapted model on one shuffled stream of all tasks, with per-sample and batch routing."""
+
+    @property
+    def label(self) -> str:
+        """What produced a row, e.g. `entropy, 200 steps` or `calibrated + infomax + routing 1, 200 steps`."""
+        parts = ["calibrated"] if self.calibrate else []
+        if self.train is not None:
+            parts.append(f"{objective_label(self.train)}, {self.train.steps} steps")
+        return " + ".join(parts) or "none (the merge as built)"
+
+
+@dataclass
 class ExperimentOptions:
-    """What to run and how long to adapt.
+    """What to run and how to adapt.
 
     `methods` lists the rows in order: merge method names (any registered method: static ones are evaluated as
-    merged, MoE ones after router adaptation) and `pretrained`, `individual` and `oracle`.
+    merged, MoE ones after each of `adaptations`) and `pretrained`, `individual` and `oracle`. `adaptations`
+    defaults to the papers' one: entropy minimisation with `train`.
     """
 
     methods: Sequence[str] = DEFAULT_METHODS
     scaling: float = 0.3
     train: TrainOptions = field(default_factory=TrainOptions)
+    adaptations: Sequence[Adaptation] | None = None
     eval_batch_size: int = 128
     device: str | None = None
     progress: bool | None = None
     """Progress of evaluation, adaptation and downloads: None follows the package's policy, False shows none."""
 
+    def resolved_adaptations(self) -> list[Adaptation]:
+        return list(self.adaptations) if self.adaptations is not None else [Adaptation(train=self.train)]
+
 
 @dataclass
 class ResultRow:
-    """One line of the results table: accuracy (percent) per task for a method and routing mode."""
+    """One line of the results table: accuracy (percent) per task for a method, how its routers were set, its
+    routing mode and evaluation stream, and the CPU/GPU seconds its router adaptation took."""
 
     method: str
     routing: str | None
     accuracy: dict[str, float]
+    adaptation: str | None = None
+    stream: str = "per task"
+    seconds: float | None = None
+    collapsed: list[str] = field(default_factory=list)
+    """Tasks the adaptation monitor saw collapse."""
 
     @property
     def average(self) -> float:
@@ -71,9 +107,13 @@ class ResultRow:
     def to_dict(self) -> dict:
         return {
             "method": self.method,
+            "adaptation": self.adaptation,
             "routing": self.routing,
+            "stream": self.stream,
             **{task: round(value, 2) for task, value in self.accuracy.items()},
             "average": round(self.average, 2),
+            "seconds": None if self.seconds is None else round(self.seconds, 1),
+            "collapsed": list(self.collapsed),
         }
 
 
@@ -92,8 +132,8 @@ def run_experiment(
         return _run(suite, workdir, options, methods, log)
 
 
-def _run(suite: Suite, workdir: Path, options: ExperimentOptions, methods: dict, log) -> list[ResultRow]:
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def load_suite(suite: Suite, progress: bool | None = None) -> tuple[torch.nn.Linear, list[ClassificationTask]]:
+    """The base's visual projection and the suite's tasks (labelled test data and zero-shot heads)."""
     processor = load_image_processor(suite.base)
     projection = load_visual_projection(suite.base)
     tasks = prepare_tasks(
@@ -102,8 +142,34 @@ def _run(suite: Suite, workdir: Path, options: ExperimentOptions, methods: dict,
         processor,
         templates={task.name: task.templates for task in suite.tasks if task.templates is not None},
         require_labels=True,
-        progress=options.progress,
+        progress=progress,
     )
+    return projection, tasks
+
+
+def oracle_accuracy(
+    vision: torch.nn.Module,
+    projection: torch.nn.Linear,
+    tasks: Sequence[ClassificationTask],
+    batch_size: int = 128,
+    device: str | None = None,
+    progress: bool | None = None,
+) -> dict[str, float]:
+    """A MoE merge's own oracle-routing bound: each task evaluated with the model collapsed to routing one-hot on
+    the expert of the same name (its task vectors as stored: pruned ones for a sparse merge)."""
+    experts = list(vision.config.expert_names)
+    accuracy = {}
+    for task in tasks:
+        one_hot = torch.zeros(len(experts))
+        one_hot[experts.index(task.name)] = 1.0
+        classifier = ZeroShotClassifier(vision.collapse(one_hot), projection).to(device or "cpu")
+        accuracy.update(evaluate_tasks(classifier, [task], batch_size, device, progress=progress).accuracy)
+    return accuracy
+
+
+def _run(suite: Suite, workdir: Path, options: ExperimentOptions, methods: dict, log) -> list[ResultRow]:
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    projection, tasks = load_suite(suite, options.progress)
     by_name = {task.name: task for task in tasks}
     rows: list[ResultRow] = []
 
@@ -129,10 +195,8 @@ def _run(suite: Suite, workdir: Path, options: ExperimentOptions, methods: dict,
             accuracy.update(evaluate(vision, [by_name[task.name]]))
         rows.append(ResultRow("individual experts", None, accuracy))
     experts = {task.name: task.expert for task in suite.tasks}
-    oracle_wanted = ORACLE in options.methods
     for name, method in methods.items():
-        what = f" and adapting its routers ({options.train.steps} steps)" if method.is_moe else ""
-        timed(f"merging with {name}{what}")
+        timed(f"merging with {name}")
         output = workdir / name
         recipe = MergeRecipe(
             base=suite.base,
@@ -141,37 +205,80 @@ def _run(suite: Suite, workdir: Path, options: ExperimentOptions, methods: dict,
             **({"scaling": options.scaling} if "scaling" in method.parameters else {}),
         )
         run_merge(recipe, output, overwrite=True, show_progress=False)
-        vision, _ = load_vision_model(str(output))
         if not method.is_moe:
+            vision, _ = load_vision_model(str(output))
             rows.append(ResultRow(name, None, evaluate(vision, tasks)))
             continue
         oracle = None
-        # Collapsing to one expert gives that expert's own MLPs only when the task vectors are dense.
-        if oracle_wanted and not recipe.resolved().sparsity:
-            timed("evaluating the oracle-routing bound (each task's own expert MLPs)")
-            accuracy = {}
-            for index, task in enumerate(suite.tasks):
-                one_hot = torch.zeros(len(suite.tasks))
-                one_hot[index] = 1.0
-                accuracy.update(evaluate(vision.collapse(one_hot), [by_name[task.name]]))
-            oracle = ResultRow("oracle routing (upper bound)", None, accuracy)
-            oracle_wanted = False
-        classifier = ZeroShotClassifier(vision, projection)
-        adapt_routers(classifier, tasks, options.train, progress=options.progress)
-        vision.save_pretrained(workdir / f"{name}-adapted")
-        rows.append(ResultRow(name, vision.config.routing, evaluate(vision, tasks)))
+        if ORACLE in options.methods:
+            # The method's own bound: its stored task vectors (pruned ones for a sparse merge), one task at a time.
+            timed(f"evaluating {name}'s oracle-routing bound (each task's own stored task vectors)")
+            vision, _ = load_vision_model(str(output))
+            accuracy = oracle_accuracy(vision, projection, tasks, options.eval_batch_size, device, options.progress)
+            oracle = ResultRow(f"oracle routing ({name} bound)", None, accuracy)
+        for position, adaptation in enumerate(options.resolved_adaptations()):
+            timed(f"{name}: {adaptation.label}")
+            vision, _ = load_vision_model(str(output))  # every adaptation starts from the merge as built
+            classifier = ZeroShotClassifier(vision, projection).to(device)
+            start, collapsed = time.process_time(), []
+            if adaptation.calibrate:
+                calibrate_routers(
+                    vision,
+                    tasks,
+                    images_per_task=adaptation.calibration_images,
+                    seed=options.train.seed,
+                    progress=options.progress,
+                )
+            if adaptation.train is not None:
+                trained = adapt_routers(classifier, tasks, adaptation.train, progress=options.progress)
+                collapsed = sorted((trained.get("monitor") or {}).get("collapsed", {}))
+            seconds = time.process_time() - start
+            vision.save_pretrained(workdir / f"{name}-adapted-{position}")
+            routing = vision.config.routing
+            rows.append(
+                ResultRow(
+                    name, routing, evaluate(vision, tasks), adaptation.label, seconds=seconds, collapsed=collapsed
+                )
+            )
+            if adaptation.mixed_stream:
+                for mode in ("sample", "batch"):
+                    vision.set_routing(mode)
+                    result = evaluate_mixed_stream(
+                        classifier, tasks, options.eval_batch_size, seed=options.train.seed, progress=options.progress
+                    )
+                    rows.append(
+                        ResultRow(
+                            name,
+                            mode,
+                            result.accuracy,
+                            adaptation.label,
+                            stream=f"mixed, batch {options.eval_batch_size}",
+                            seconds=seconds,
+                            collapsed=collapsed,
+                        )
+                    )
+                vision.set_routing(routing)
         if oracle is not None:
             rows.append(oracle)
     return rows
 
 
 def results_markdown(rows: Sequence[ResultRow], tasks: Sequence[str]) -> str:
-    """The results as a markdown table: methods in rows, tasks and the average in columns."""
-    header = "| method | routing | " + " | ".join(tasks) + " | average |"
-    lines = [header, "|---|---|" + "---:|" * (len(tasks) + 1)]
+    """The results as a markdown table: methods in rows (with how their routers were set, the routing mode and
+    the evaluation stream), tasks, the average and the adaptation time in columns. Tasks the adaptation monitor
+    saw collapse are marked with `!`."""
+    header = "| method | adaptation | routing | stream | " + " | ".join(tasks) + " | average | adaptation time |"
+    lines = [header, "|---|---|---|---|" + "---:|" * (len(tasks) + 2)]
     for row in rows:
-        cells = " | ".join(f"{row.accuracy[t]:.1f}" if t in row.accuracy else "–" for t in tasks)
-        lines.append(f"| {row.method} | {row.routing or '–'} | {cells} | {row.average:.1f} |")
+        cells = " | ".join(
+            (f"{row.accuracy[t]:.1f}" + ("!" if t in row.collapsed else "")) if t in row.accuracy else "–"
+            for t in tasks
+        )
+        seconds = "–" if row.seconds is None else f"{row.seconds:.0f} s"
+        lines.append(
+            f"| {row.method} | {row.adaptation or '–'} | {row.routing or '–'} | {row.stream} | {cells} | "
+            f"{row.average:.1f} | {seconds} |"
+        )
     return "\n".join(lines)
 
 
@@ -189,11 +296,14 @@ def save_results(
 
 __all__ = [
     "DEFAULT_METHODS",
+    "Adaptation",
     "ExperimentOptions",
     "ResultRow",
     "Suite",
     "SuiteTask",
     "results_markdown",
     "run_experiment",
+    "load_suite",
+    "oracle_accuracy",
     "save_results",
 ]
