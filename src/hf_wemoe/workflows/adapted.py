@@ -20,7 +20,7 @@ import torch
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import EvalResult, write_results
 from hf_wemoe.hub.cards import MERGE_CONFIG_NAME, write_card
-from hf_wemoe.io.layout import EVAL_RESULTS_NAME
+from hf_wemoe.io.layout import EVAL_RESULTS_NAME, ROUTING_PLOT_NAME
 from hf_wemoe.io.outputs import atomic_output_dir
 from hf_wemoe.io.sources import parse_reference
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
@@ -103,7 +103,7 @@ def write_adapted_folder(
             plot_routing(
                 result.routing,
                 list(vision.config.expert_names),
-                staging / "routing.png",
+                staging / ROUTING_PLOT_NAME,
                 layers=vision.config.moe_layer_indices,
             )
         try:
