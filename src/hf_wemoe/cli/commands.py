@@ -37,6 +37,11 @@ COMMANDS: dict[str, Command] = {
             "adapt the routers of a WEMoE model (test-time adaptation by entropy minimisation)",
         ),
         Command(
+            "calibrate",
+            "calibrate",
+            "set the routers of a WEMoE model from a few unlabelled images per task, without training",
+        ),
+        Command(
             "eval",
             "eval",
             "evaluate a WEMoE model or a plain CLIP vision model (zero-shot heads, top-1 accuracy)",

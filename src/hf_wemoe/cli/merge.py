@@ -1,22 +1,26 @@
 """``hf-wemoe merge``: build a WEMoE / E-WEMoE model, or a static merge, from a base and its experts.
 
 The flags come from two typed objects: the recipe (`hf_wemoe.merging.recipe.MergeRecipe`: what is merged and
-how, exactly what `merge_config.yaml` records) and the run options (`MergeRunOptions`: where the result goes and
-whether it is pushed). `--config` reads a YAML file with the names of either.
+how, exactly what `merge_config.yaml` records) and the run options (`MergeRunOptions`: where the result goes,
+whether its routers are calibrated and whether it is pushed). `--config` reads a YAML file with the names of either.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from hf_wemoe.cli.options import add_config_option, add_options, resolve_options
 from hf_wemoe.cli.push import PushToHubOptions, check_push_target, push_output
+from hf_wemoe.errors import WEMoEError
 from hf_wemoe.hub.push import PushResult
 from hf_wemoe.merging.recipe import MergeRecipe, method_option_help
+from hf_wemoe.workflows.calibrate import CalibrationRequest
 from hf_wemoe.workflows.merge import MergeSummary, run_merge
+from hf_wemoe.zeroshot.classifier import parse_named
 
 DESCRIPTION = """\
 Merge CLIP vision experts fine-tuned from one base model. The default method, wemoe, writes a
@@ -34,13 +38,16 @@ examples:
       --expert mnist=tanganke/clip-vit-base-patch32_mnist \\
       --expert svhn=tanganke/clip-vit-base-patch32_svhn --output wemoe-vit-b32
   hf-wemoe merge --config wemoe-vit-b32/merge_config.yaml --output rebuilt   # same weights again
+  hf-wemoe merge --base openai/clip-vit-base-patch32 --expert mnist=... --expert svhn=... --output wemoe-cal \\
+      --calibrate mnist=ylecun/mnist#train --calibrate svhn=ufldl-stanford/svhn:cropped_digits#train
   hf-wemoe merge --base openai/clip-vit-base-patch32 --expert ... --output wemoe-clip --full-clip \\
       --push-to-hub my-org/wemoe-clip       # zero-shot pipelines and widget, pushed with its card
 """
 
 
 class MergeRunOptions(PushToHubOptions):
-    """How one merge runs, apart from its recipe: the output folder and whether it is pushed to the Hub."""
+    """How one merge runs, apart from its recipe: the output folder, a router calibration of the merged model, and
+    whether it is pushed to the Hub (config.json records a calibration under `provenance.calibration`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +58,35 @@ class MergeRunOptions(PushToHubOptions):
         json_schema_extra={"metavar": "DIR", "required": True},
     )
     overwrite: bool = Field(default=False, description="replace the output folder if it exists")
+    calibrate: dict[str, str] = Field(
+        default_factory=dict,
+        description="after merging, set the routers so that the images of DATASET route to expert NAME, from a few "
+        "unlabelled ones, without training (repeatable; wemoe and e-wemoe)",
+        json_schema_extra={"metavar": "NAME=DATASET"},
+    )
+    calibrate_images: int = Field(
+        default=64,
+        ge=1,
+        le=64,
+        description="unlabelled images per --calibrate task",
+    )
+
+    @field_validator("calibrate", mode="before")
+    @classmethod
+    def _calibrate_from_list(cls, value: Any) -> Any:
+        # Flags (and YAML files) may list calibration tasks as NAME=DATASET strings.
+        if isinstance(value, (list, tuple)):
+            try:
+                return parse_named([str(item) for item in value], "--calibrate")
+            except WEMoEError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    def calibration(self) -> CalibrationRequest | None:
+        """The calibration to run on the merged model, if any."""
+        if not self.calibrate:
+            return None
+        return CalibrationRequest(dict(self.calibrate), images_per_task=self.calibrate_images)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +119,11 @@ def merge(
     """
     check_push_target(run_options)
     summary = run_merge(
-        recipe, run_options.output, overwrite=run_options.overwrite, show_progress=show_progress
+        recipe,
+        run_options.output,
+        overwrite=run_options.overwrite,
+        show_progress=show_progress,
+        calibration=run_options.calibration(),
     )
     pushed = push_output(
         summary.output, run_options, done=f"merged into {summary.output}", show_progress=show_progress

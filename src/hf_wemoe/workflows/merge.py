@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hf_wemoe.calibration import CalibrationSummary, check_calibration
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
 from hf_wemoe.hub.cards import merge_card
 from hf_wemoe.io.layout import CARD_NAME, MERGE_CONFIG_NAME, PREPROCESSOR_NAME
@@ -28,6 +29,7 @@ from hf_wemoe.utils.config_files import dump_yaml
 from hf_wemoe.utils.formatting import format_size, parse_size
 from hf_wemoe.utils.progress import progress, progress_enabled, quiet_libraries
 from hf_wemoe.version import __version__
+from hf_wemoe.workflows.calibrate import CalibrationRequest, calibrate_merged_folder, load_calibration_data
 from hf_wemoe.workflows.full_clip import base_license, check_full_clip_base, write_full_clip
 
 # Config fields that change what a model computes without changing any tensor shape.
@@ -54,15 +56,18 @@ class MergeSummary:
     parameters: int
     size_bytes: int
     seconds: float
+    calibration: CalibrationSummary | None = None
+    """The router calibration run on the merged model (`--calibrate`), if any."""
 
     def line(self) -> str:
-        """A one-line summary for the command line."""
-        return (
+        """A one-line summary for the command line (two lines after a calibration)."""
+        text = (
             f"merged {len(self.experts)} expert{'s' if len(self.experts) != 1 else ''} ({', '.join(self.experts)}) "
             f"with {self.method} into "
             f"{self.output}: {self.parameters:,} parameters, {format_size(self.size_bytes)} on disk, "
             f"{self.seconds:.1f}s"
         )
+        return text if self.calibration is None else f"{text}\n{self.calibration.line()}"
 
 
 def merge_progress(show: bool | None = None) -> Progress:
@@ -112,6 +117,7 @@ def run_merge(
     *,
     overwrite: bool = False,
     show_progress: bool | None = None,
+    calibration: CalibrationRequest | None = None,
 ) -> MergeSummary:
     """Merge the experts of `recipe` into its base and write the result to the folder `output`.
 
@@ -121,11 +127,13 @@ def run_merge(
         overwrite: replace `output` if it exists (only once the new folder is complete).
         show_progress: report progress on stderr (a bar on a terminal, log lines elsewhere); by default unless
             `--quiet` or `HF_HUB_DISABLE_PROGRESS_BARS` (see `hf_wemoe.utils.progress`).
+        calibration: calibrate the routers of the merged model before the folder is put in place (WEMoE methods
+            only); its datasets are read before merging, so a bad reference fails at once.
 
     Raises:
         WEMoEError: bad options, no output, an existing output without `overwrite`, unreadable sources
             (`SourceError`), experts that do not match the base (`IncompatibleModelsError`), a base without text
-            tower for `full_clip`.
+            tower for `full_clip`, a calibration that a static method or the routers cannot take.
     """
     start = time.perf_counter()
     options = recipe.resolved()
@@ -134,8 +142,11 @@ def run_merge(
     output = Path(output).expanduser().absolute()
     _check_output(output, options, overwrite)
     show_progress = progress_enabled(show_progress)
+    if calibration is not None:
+        _check_calibration(options, calibration)
 
     with quiet_libraries(show_progress):
+        calibration_data = load_calibration_data(calibration.datasets) if calibration is not None else None
         base = open_source(options.base, allow_pickle=options.allow_pickle)
         experts = {
             name: open_source(ref, allow_pickle=options.allow_pickle) for name, ref in options.experts.items()
@@ -167,6 +178,15 @@ def run_merge(
                 method.write(job, staging)
             if base.preprocessor_config is not None:
                 shutil.copyfile(base.preprocessor_config, staging / PREPROCESSOR_NAME)
+            calibrated = None
+            if calibration is not None and calibration_data is not None:
+                calibrated = calibrate_merged_folder(
+                    staging,
+                    calibration,
+                    calibration_data,
+                    processor_refs=(options.base,),
+                    progress=show_progress,
+                )
             (staging / MERGE_CONFIG_NAME).write_text(
                 dump_yaml(
                     recorded,
@@ -183,6 +203,7 @@ def run_merge(
         parameters=count_parameters(output)["total"],
         size_bytes=folder_size(output),
         seconds=time.perf_counter() - start,
+        calibration=calibrated,
     )
     return summary
 
@@ -199,6 +220,18 @@ def _provenance(base: ModelSource, experts: dict[str, ModelSource], recipe: dict
     if license_info:
         provenance["base_license"] = license_info
     return provenance
+
+
+def _check_calibration(options: MergeRecipe, calibration: CalibrationRequest) -> None:
+    """Refuse a calibration the merge cannot take, before anything is read."""
+    if not options.method_class.is_moe:
+        raise WEMoEError(
+            f"--calibrate sets the routers of a WEMoE model; --method {options.method} writes a static model "
+            "without routers (use --method wemoe or e-wemoe)"
+        )
+    check_calibration(
+        list(options.experts), options.router_depth, list(calibration.datasets), calibration.images_per_task
+    )
 
 
 def _check_output(output: Path, options: MergeRecipe, overwrite: bool) -> None:

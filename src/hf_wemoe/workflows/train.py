@@ -8,28 +8,18 @@ train --push-to-hub` pushes the finished folder afterwards.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from pydantic import Field
 
 from hf_wemoe.adaptation import TrainOptions, adapt_routers
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.evaluation import EvalResult, evaluate_tasks, write_results
-from hf_wemoe.hub.cards import MERGE_CONFIG_NAME, write_card
-from hf_wemoe.io.layout import EVAL_RESULTS_NAME
-from hf_wemoe.io.outputs import atomic_output_dir, check_output_dir
-from hf_wemoe.io.sources import parse_reference
-from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
-from hf_wemoe.workflows.plots import plot_routing
+from hf_wemoe.evaluation import EvalResult, evaluate_tasks
+from hf_wemoe.io.outputs import check_output_dir
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.workflows.adapted import router_state, routers_swapped, write_adapted_folder
 from hf_wemoe.workflows.tasks import TaskOptions, load_tasks, require, routing_mode
-
-logger = logging.getLogger(__name__)
 
 
 class TrainConfig(TaskOptions, TrainOptions):
@@ -123,7 +113,7 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
     evaluate = config.evaluate and bool(labelled)
     # The routers before adaptation (small): the baseline is evaluated with them after training.
     initial_routers = (
-        _router_state(classifier.vision_model) if evaluate and config.evaluate_baseline else None
+        router_state(classifier.vision_model) if evaluate and config.evaluate_baseline else None
     )
     checkpoint_dir = config.checkpoint_dir or f"{output}-checkpoints"
     options = TrainOptions(**{k: getattr(config, k) for k in TrainOptions.model_fields})
@@ -154,90 +144,41 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
     if evaluate:
         summary.result = evaluate_tasks(classifier, labelled, config.eval_batch_size, progress=progress)
     if initial_routers is not None:
-        with _routers_swapped(vision, initial_routers):
+        with routers_swapped(vision, initial_routers):
             summary.baseline = evaluate_tasks(classifier, labelled, config.eval_batch_size, progress=progress)
-    with atomic_output_dir(output, overwrite=config.overwrite) as staging:
-        vision.config.provenance = {
-            **(vision.config.provenance or {}),
+    vision.config.provenance = {
+        **(vision.config.provenance or {}),
+        "adaptation": {
+            "tasks": dict(config.task),
+            "options": options.model_dump(),
+            "objective": summary.objective,
+            "steps": summary.steps,
+            "kept_step": summary.kept_step,
+            "final_loss": summary.final_loss,
+        },
+    }
+    summary.output = write_adapted_folder(
+        output,
+        vision,
+        processor,
+        model_ref=config.model,
+        overwrite=config.overwrite,
+        routing=routing_mode(classifier),
+        datasets={task.name: config.task[task.name] for task in labelled},
+        result=summary.result,
+        baseline=summary.baseline,
+        baseline_name="before adaptation",
+        details={
             "adaptation": {
-                "tasks": dict(config.task),
-                "options": options.model_dump(),
-                "objective": summary.objective,
-                "steps": summary.steps,
-                "kept_step": summary.kept_step,
-                "final_loss": summary.final_loss,
-            },
-        }
-        vision.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        recipe = _merge_recipe_file(config.model)
-        if recipe is not None:  # the card shows it and `hf-wemoe merge --config` rebuilds the merge from it
-            shutil.copyfile(recipe, staging / MERGE_CONFIG_NAME)
-        if summary.result is not None:
-            payload = {
-                "model": str(output),
-                "routing": routing_mode(classifier),
-                **summary.result.to_dict(),
-                "datasets": {task.name: config.task[task.name] for task in labelled},
-            }
-            if summary.baseline is not None:
-                payload["baselines"] = [{"name": "before adaptation", **summary.baseline.to_dict()}]
-            payload["adaptation"] = {
                 "objective": summary.objective,
                 "steps": summary.steps,
                 "kept_step": summary.kept_step,
                 "monitor": summary.monitor,
             }
-            write_results(staging / EVAL_RESULTS_NAME, payload)
-            plot_routing(
-                summary.result.routing,
-                list(vision.config.expert_names),
-                staging / "routing.png",
-                layers=vision.config.moe_layer_indices,
-                trajectory=(summary.monitor or {}).get("trajectory"),
-            )
-        try:
-            write_card(staging, model_id=output.name)
-        except WEMoEError as err:  # the adapted model matters more than its card
-            logger.warning("no model card written for %s: %s", output, err)
-    summary.output = output
+        },
+        trajectory=(summary.monitor or {}).get("trajectory"),
+    )
     return summary
-
-
-def _merge_recipe_file(model_ref: str | None) -> Path | None:
-    """The merge_config.yaml of a local model folder, if it has one (Hub models: the card uses the recipe
-    recorded in config.json)."""
-    try:
-        reference = parse_reference(str(model_ref))
-    except WEMoEError:
-        return None
-    path = reference.path / MERGE_CONFIG_NAME if reference.is_local else None
-    return path if path is not None and path.is_file() else None
-
-
-def _router_state(model: WEMoECLIPVisionModel) -> dict:
-    """A copy of the router parameters (what adaptation changes)."""
-    return {
-        name: parameter.detach().clone()
-        for name, parameter in model.named_parameters()
-        if is_router_parameter(name)
-    }
-
-
-@contextlib.contextmanager
-def _routers_swapped(model: WEMoECLIPVisionModel, routers: dict) -> Iterator[None]:
-    """Run with other router parameters in place, then put the current ones back."""
-    parameters = dict(model.named_parameters())
-    current = {name: parameters[name].detach().clone() for name in routers}
-    with torch.no_grad():
-        for name, value in routers.items():
-            parameters[name].copy_(value)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, value in current.items():
-                parameters[name].copy_(value)
 
 
 __all__ = ["TrainConfig", "TrainSummary", "run_train"]
