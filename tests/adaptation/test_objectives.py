@@ -181,3 +181,19 @@ def test_train_reports_the_monitor(world, tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(output / "routing.png").size[1] > 500
+
+
+def test_train_can_start_from_the_calibration(world, tmp_path):
+    output = tmp_path / "calibrated-then-adapted"
+    args = ["train", "--model", str(world["wemoe"]), "--task", f"blocks={world['blocks']}", "--task",
+            f"stripes={world['stripes']}", "--templates", "generic", "--batch-size-per-task", "4", "--steps", "2",
+            "--calibrate", "--calibration-images", "8", "--lr", "1e-4", "--quiet", "--output", str(output)]  # fmt: skip
+    assert main(args) == 0
+    provenance = json.loads((output / "config.json").read_text())["provenance"]
+    assert provenance["calibration"]["images_per_task"] == 8 and provenance["adaptation"]["steps"] == 2
+    # Two tiny steps barely move the calibrated routers: each task still routes to its own expert.
+    trajectory = json.loads((output / "eval_results.json").read_text())["adaptation"]["monitor"]["trajectory"]
+    experts = json.loads((output / "config.json").read_text())["expert_names"]
+    for task in ("blocks", "stripes"):
+        routing = trajectory[0]["tasks"][task]["routing"]
+        assert routing[experts.index(task)] > 0.7 > routing[1 - experts.index(task)]

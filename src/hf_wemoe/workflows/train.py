@@ -14,11 +14,13 @@ from pathlib import Path
 from pydantic import Field
 
 from hf_wemoe.adaptation import TrainOptions, adapt_routers
+from hf_wemoe.calibration import DEFAULT_RIDGE, MAX_IMAGES_PER_TASK, calibrate_routers
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import EvalResult, evaluate_tasks
 from hf_wemoe.io.outputs import check_output_dir
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
 from hf_wemoe.workflows.adapted import router_state, routers_swapped, write_adapted_folder
+from hf_wemoe.workflows.calibrate import calibration_record
 from hf_wemoe.workflows.tasks import TaskOptions, load_tasks, require, routing_mode
 
 
@@ -51,6 +53,14 @@ class TrainConfig(TaskOptions, TrainOptions):
         True,
         description="also evaluate the model as it was before adaptation, on the same data with the same heads, "
         "as a baseline in eval_results.json and the model card",
+    )
+    calibrate: bool = Field(
+        False,
+        description="calibrate the routers first (no gradient step: each task's images routed to the expert of "
+        "the same name, from --calibration-images unlabelled images per task), then adapt from there",
+    )
+    calibration_images: int = Field(
+        MAX_IMAGES_PER_TASK, ge=1, le=MAX_IMAGES_PER_TASK, description="unlabelled images per task for --calibrate"
     )
 
 
@@ -115,6 +125,12 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
     initial_routers = (
         router_state(classifier.vision_model) if evaluate and config.evaluate_baseline else None
     )
+    calibration = None
+    if config.calibrate:  # a resumed run then takes its routers from the checkpoint
+        calibrate_routers(
+            classifier.vision_model, tasks, config.calibration_images, seed=config.seed, progress=progress
+        )
+        calibration = calibration_record(config.task, config.calibration_images, config.seed, DEFAULT_RIDGE)
     checkpoint_dir = config.checkpoint_dir or f"{output}-checkpoints"
     options = TrainOptions(**{k: getattr(config, k) for k in TrainOptions.model_fields})
     trained = adapt_routers(
@@ -148,6 +164,7 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
             summary.baseline = evaluate_tasks(classifier, labelled, config.eval_batch_size, progress=progress)
     vision.config.provenance = {
         **(vision.config.provenance or {}),
+        **({"calibration": calibration} if calibration is not None else {}),
         "adaptation": {
             "tasks": dict(config.task),
             "options": options.model_dump(),
