@@ -141,10 +141,12 @@ def test_num_kept_entries_rounds_up_without_float_noise():
     assert num_kept_entries(3, 0.99) == 1
 
 
+@pytest.mark.parametrize("shared_router", [False, True], ids=["own-routers", "shared-router"])
 @pytest.mark.parametrize("routing", [[0.0, 1.0, 0.0], "per-layer"])
-def test_collapse_matches_forced_routing(tiny_zoo, routing):
+def test_collapse_matches_forced_routing(tiny_zoo, routing, shared_router):
+    # The shared router is E-WEMoE's: its oracle bound is a collapse of a shared-router, sparse model.
     base, experts = tiny_zoo
-    model = build_wemoe(base, experts, sparsity=0.5)
+    model = build_wemoe(base, experts, sparsity=0.5, shared_router=shared_router)
     if routing == "per-layer":
         routing = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
     else:

@@ -680,6 +680,9 @@ class WEMoECLIPVisionModel(WEMoECLIPPreTrainedModel):
         state = {}
         position = 0
         for name, tensor in self.state_dict().items():
+            # Routers (per layer or the shared one) have no place in a static model.
+            if is_router_parameter(name):
+                continue
             if ".mlp." not in name or not _is_layer_moe(self, name):
                 state[name] = tensor
         for index, layer in enumerate(self.encoder.layers):
