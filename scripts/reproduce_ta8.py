@@ -72,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     suite = ta8_suite(args.model, args.tasks)
     options = ExperimentOptions(
-        train=TrainOptions(steps=args.steps, lr=args.lr, batch_size_per_task=args.batch_size_per_task),
+        train=TrainOptions(  # the papers' objective, as they ran it
+            steps=args.steps,
+            lr=args.lr,
+            batch_size_per_task=args.batch_size_per_task,
+            objective="entropy",
+            routing_loss=0.0,
+        ),
         eval_batch_size=args.eval_batch_size,
         device=args.device,
         progress=False if args.quiet else None,

@@ -50,6 +50,7 @@ def parse_variant(text: str, steps: int, lr: float, batch_size: int, seed: int):
     if not options:
         return calibrate, None
     options.setdefault("objective", "entropy")
+    options.setdefault("routing_loss", 0.0)
     return calibrate, TrainOptions(steps=steps, lr=lr, batch_size_per_task=batch_size, seed=seed, **options)
 
 

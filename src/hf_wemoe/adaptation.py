@@ -57,6 +57,8 @@ from hf_wemoe.zeroshot.data import collate_images
 logger = logging.getLogger(__name__)
 
 Objective = Literal["entropy", "infomax", "supervised"]
+# The routing term's weight when `routing_loss` is left unset and every task is named like an expert.
+AUTO_ROUTING_LOSS = 1.0
 OBJECTIVES: tuple[str, ...] = ("entropy", "infomax", "supervised")
 
 
@@ -73,18 +75,18 @@ class TrainOptions(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast precision")
     seed: int = Field(0, description="seed of the data order")
     objective: Objective = Field(
-        "entropy",
-        description="loss per task: entropy (the papers': mean entropy of the predictions, can collapse), "
-        "infomax (mean entropy minus the entropy of the batch-marginal prediction: confident and diverse), or "
-        "supervised (cross-entropy with the labels)",
+        "infomax",
+        description="loss per task: infomax (mean entropy minus the entropy of the batch-marginal prediction: "
+        "confident and diverse; chosen from measurements on both toy-zoo presets), entropy (the papers': mean "
+        "entropy of the predictions, can collapse), or supervised (cross-entropy with the labels)",
     )
-    routing_loss: float = Field(
-        0.0,
+    routing_loss: float | None = Field(
+        None,
         ge=0,
         allow_inf_nan=False,
         description="weight of a term pulling each task's routing towards its own expert (uses which task's "
         "dataset an image came from, never at inference; tasks must be named like experts)",
-        json_schema_extra={"metavar": "W"},
+        json_schema_extra={"metavar": "W", "default_text": "1 when every task is named like an expert, else 0"},
     )
     monitor_every: int = Field(
         20, ge=0, description="measure collapse and routing on a fixed probe set every N steps (0: never)"
@@ -117,15 +119,25 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
 
 
-def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy of the batch-marginal prediction, the mean of softmax(logits) over the batch (float32)."""
+def marginal_entropy(
+    logits: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Shannon entropy of the batch-marginal prediction, the mean of softmax(logits) over the batch (float32).
+
+    `gather` maps this process's mean prediction to the mean over the global batch of all processes (with the
+    gradient of this process's share), so that several processes compute the entropy of one global marginal.
+    """
     marginal = torch.softmax(logits.float(), dim=-1).mean(dim=0)
+    if gather is not None:
+        marginal = gather(marginal)
     return -(marginal * torch.log(marginal.clamp_min(1e-12))).sum()
 
 
-def infomax_loss(logits: torch.Tensor) -> torch.Tensor:
+def infomax_loss(
+    logits: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
     """Mean entropy minus marginal entropy: minimised by confident predictions that still use every class."""
-    return entropy_loss(logits) - marginal_entropy(logits)
+    return entropy_loss(logits) - marginal_entropy(logits, gather)
 
 
 def routing_target_loss(routing: Sequence[torch.Tensor], expert: int) -> torch.Tensor:
@@ -139,7 +151,9 @@ def routing_target_loss(routing: Sequence[torch.Tensor], expert: int) -> torch.T
 def objective_label(options: TrainOptions) -> str:
     """How a row of a results table was adapted, e.g. `entropy` or `infomax + routing 1`."""
     label = options.objective
-    if options.routing_loss:
+    if options.routing_loss is None:
+        label += " + routing auto"
+    elif options.routing_loss:
         label += f" + routing {options.routing_loss:g}"
     return label + (" (best kept)" if options.keep_best else "")
 
@@ -488,9 +502,13 @@ def adapt_routers(
             "the model has no routers to adapt (a static CLIP vision model); build a WEMoE model with "
             "`hf-wemoe merge --method wemoe` first"
         )
+    experts = list(classifier.vision_model.config.expert_names)
+    strangers = [t.name for t in tasks if t.name not in experts]
+    if options.routing_loss is None:
+        options = options.model_copy(update={"routing_loss": AUTO_ROUTING_LOSS if not strangers else 0.0})
+        logger.info("routing term weight %g (tasks %s named like experts)", options.routing_loss,
+                    "all" if not strangers else "not all")  # fmt: skip
     if options.routing_loss:
-        experts = list(classifier.vision_model.config.expert_names)
-        strangers = [t.name for t in tasks if t.name not in experts]
         if strangers:
             raise WEMoEError(
                 f"--routing-loss pulls each task towards the expert of the same name, and task(s) {strangers} "
@@ -546,6 +564,15 @@ def adapt_routers(
         initial=progress_state.step,
     )
     expert_index = {name: i for i, name in enumerate(vision.config.expert_names)}
+
+    def gather_mean(local: torch.Tensor) -> torch.Tensor:
+        # The global batch's mean, differentiable in this process's share: router gradients are averaged over
+        # processes, so each process back-propagates the whole marginal term through its own images.
+        if world == 1:
+            return local
+        total = accelerator.reduce(local.detach().clone(), reduction="mean")
+        return local + (total - local).detach()
+
     with_routing = bool(options.routing_loss)
     if monitor is not None and not monitor.records:
         _log_probe(monitor, monitor.measure(progress_state.step), accelerator, report_to)
@@ -568,7 +595,7 @@ def adapt_routers(
                 if options.objective == "entropy":
                     loss = loss + entropy_loss(logits)
                 elif options.objective == "infomax":
-                    loss = loss + infomax_loss(logits)
+                    loss = loss + infomax_loss(logits, gather_mean)
                 else:
                     loss = loss + torch.nn.functional.cross_entropy(
                         logits, batch["labels"].to(accelerator.device)

@@ -65,13 +65,15 @@ def test_losses_measure_what_they_say():
     assert objective_label(TrainOptions(objective="infomax", routing_loss=1.0, keep_best=True)) == (
         "infomax + routing 1 (best kept)"
     )
+    assert objective_label(TrainOptions()) == "infomax + routing auto"
+    assert objective_label(TrainOptions(objective="entropy", routing_loss=0)) == "entropy"
 
 
 @pytest.mark.parametrize(
     "options",
     [
-        {"objective": "entropy"},
-        {"objective": "infomax"},
+        {"objective": "entropy", "routing_loss": 0.0},
+        {"objective": "infomax", "routing_loss": 0.0},
         {"objective": "entropy", "routing_loss": 1.0},
         {"objective": "infomax", "routing_loss": 0.5},
         {"objective": "supervised", "routing_loss": 1.0},
@@ -93,6 +95,9 @@ def test_routing_loss_needs_tasks_named_like_experts(world):
     classifier, tasks = load(world, squares=str(world["blocks"]))
     with pytest.raises(WEMoEError, match="task\\(s\\) \\['squares'\\] name no expert"):
         adapt_routers(classifier, tasks, TrainOptions(steps=1, routing_loss=1.0), progress=False)
+    # Left unset, the term is simply off for tasks that name no expert.
+    result = adapt_routers(classifier, tasks, TrainOptions(steps=1, monitor_every=0), progress=False)
+    assert result["objective"] == "infomax"
 
 
 def test_routing_loss_routes_each_task_to_its_expert(world):
@@ -110,7 +115,8 @@ def test_routing_loss_routes_each_task_to_its_expert(world):
 def test_collapse_detector_fires_on_a_collapsing_run(world, caplog):
     classifier, tasks = load(world, blocks=str(world["blocks-one-class"]), stripes=str(world["stripes"]))
     options = TrainOptions(
-        steps=12, lr=0.1, batch_size_per_task=8, objective="supervised", monitor_every=3, keep_best=True
+        steps=12, lr=0.1, batch_size_per_task=8, objective="supervised", routing_loss=0.0, monitor_every=3,
+        keep_best=True,
     )
     with caplog.at_level(logging.WARNING, logger="hf_wemoe.adaptation"):
         result = adapt_routers(classifier, tasks, options, progress=False)
@@ -127,7 +133,9 @@ def test_collapse_detector_fires_on_a_collapsing_run(world, caplog):
 
 def test_collapse_detector_stays_quiet_on_a_healthy_run(world, caplog):
     classifier, tasks = load(world)
-    options = TrainOptions(steps=12, lr=0.01, batch_size_per_task=8, objective="infomax", monitor_every=3)
+    options = TrainOptions(
+        steps=12, lr=0.01, batch_size_per_task=8, objective="infomax", routing_loss=0.0, monitor_every=3
+    )
     with caplog.at_level(logging.WARNING, logger="hf_wemoe.adaptation"):
         result = adapt_routers(classifier, tasks, options, progress=False)
     assert result["monitor"]["collapsed"] == {}
@@ -171,7 +179,8 @@ def test_train_reports_the_monitor(world, tmp_path, capsys):
             f"stripes={world['stripes']}", "--templates", "generic", "--batch-size-per-task", "4", "--steps", "4",
             "--monitor-every", "2", "--quiet", "--output", str(output)]  # fmt: skip
     assert main(args) == 0
-    assert "with entropy" in capsys.readouterr().out
+    # The defaults: infomax, and the routing term on because both tasks are named like experts.
+    assert "with infomax + routing 1 (" in capsys.readouterr().out
     results = json.loads((output / "eval_results.json").read_text())
     trajectory = results["adaptation"]["monitor"]["trajectory"]
     assert [r["step"] for r in trajectory] == [0, 2, 4]

@@ -72,7 +72,7 @@ def test_entropy_decreases(world):
     )
     classifier, tasks, _ = load_tasks(config, require_labels=False)
     losses = []
-    options = TrainOptions(steps=8, lr=0.01, batch_size_per_task=8)
+    options = TrainOptions(steps=8, lr=0.01, batch_size_per_task=8, objective="entropy", routing_loss=0.0)
     adapt_routers(classifier, tasks, options, progress=False, on_step=lambda step, loss: losses.append(loss))
     assert len(losses) == 8
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -112,7 +112,12 @@ def test_resume_continues_exactly(world, tmp_path):
     assert not all(torch.equal(a[k], routers(partial)[k]) for k in a)
 
 
-def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
+@pytest.mark.parametrize(
+    "objective",
+    [["--objective", "entropy", "--routing-loss", "0"], ["--objective", "infomax", "--routing-loss", "1"]],
+    ids=["entropy", "infomax+routing"],
+)
+def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path, objective):
     """The README's torchrun command on a machine without a GPU: one run over two processes (CPU DDP over gloo),
     not two independent runs racing on the output, also without ACCELERATE_USE_CPU."""
     env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
@@ -132,7 +137,7 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
         str(port),
     ]
     two = tmp_path / "two"
-    args = train_args(world, two, "--steps", "3", "--no-evaluate")
+    args = train_args(world, two, "--steps", "3", "--no-evaluate", *objective)
     result = subprocess.run(
         [*torchrun, "-m", "hf_wemoe", *args], env=env, capture_output=True, text=True, timeout=300
     )
@@ -141,11 +146,13 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
     assert result.stdout.count("saved to ") == 1  # only the main process writes and reports the output
     assert [path.name for path in tmp_path.iterdir()] == ["two"]  # one output, no staging folders left
     one = tmp_path / "one"
-    assert main(train_args(world, one, "--steps", "3", "--no-evaluate")) == 0
-    a, b = routers(one), routers(two)
+    assert main(train_args(world, one, "--steps", "3", "--no-evaluate", *objective)) == 0
+    a, b, base = routers(one), routers(two), routers(world["wemoe"])
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
-    base = routers(world["wemoe"])
+        # Adam turns float-order noise in near-zero gradients into visible steps, so the updates are compared
+        # relative to the largest one: a wrong reduction (e.g. per-process marginals) misses by whole steps.
+        step_one, step_two = a[key] - base[key], b[key] - base[key]
+        torch.testing.assert_close(step_two, step_one, atol=2e-2 * float(step_one.abs().max()) + 1e-7, rtol=0)
     assert any(not torch.equal(a[k], base[k]) for k in a)
 
 

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size_per_task": options.batch_size_per_task,
         "seed": options.seed,
     }
-    paper = TrainOptions(**common, objective="entropy")
+    paper = TrainOptions(**common, objective="entropy", routing_loss=0.0)  # the papers' objective
     ours = TrainOptions(**common, objective=options.objective, routing_loss=options.routing_loss)
     images = options.calibration_images
     experiment = ExperimentOptions(
