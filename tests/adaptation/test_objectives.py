@@ -200,6 +200,9 @@ def test_train_can_start_from_the_calibration(world, tmp_path):
     assert main(args) == 0
     provenance = json.loads((output / "config.json").read_text())["provenance"]
     assert provenance["calibration"]["images_per_task"] == 8 and provenance["adaptation"]["steps"] == 2
+    card = (output / "README.md").read_text()
+    assert "### Router calibration" in card and "from 8 unlabelled images per task" in card
+    assert "objective `infomax + routing 1`" in card
     # Two tiny steps barely move the calibrated routers: each task still routes to its own expert.
     trajectory = json.loads((output / "eval_results.json").read_text())["adaptation"]["monitor"]["trajectory"]
     experts = json.loads((output / "config.json").read_text())["expert_names"]

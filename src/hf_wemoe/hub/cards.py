@@ -145,6 +145,7 @@ def model_card(
         for name, ref in recipe["experts"].items()
     ]
     adaptation = _adaptation(provenance.get("adaptation"))
+    calibration = provenance.get("calibration") or None
     results = _results(folder, adaptation)
 
     hub_models = [entry["repo_id"] for entry in [base, *experts] if entry["repo_id"]]
@@ -199,6 +200,7 @@ def model_card(
         if (folder / PREPROCESSOR_NAME).is_file()
         else (base["repo_id"] or base["ref"]),
         "adaptation": adaptation,
+        "calibration": calibration,
         "results": results,
         "routing_plot": ROUTING_PLOT_NAME if (folder / ROUTING_PLOT_NAME).is_file() else None,
         "config": config,
@@ -397,7 +399,8 @@ def _adaptation(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return {
         "steps": record.get("steps"),
         "tasks": [_dataset_entry(name, ref) for name, ref in (record.get("tasks") or {}).items()],
-        "objective": options.get("objective", "entropy"),
+        # The label of what ran (e.g. "infomax + routing 1"); records before 0.2 only have the option.
+        "objective": record.get("objective") or options.get("objective", "entropy"),
         "lr": options.get("lr"),
         "batch_size_per_task": options.get("batch_size_per_task"),
         "final_loss": f"{loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else None,
