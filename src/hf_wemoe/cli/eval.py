@@ -20,6 +20,8 @@ DESCRIPTION = (
 EXAMPLES = """\
 examples:
   hf-wemoe eval --model wemoe-vit-b32-tta --task mnist=ylecun/mnist --task svhn=ufldl-stanford/svhn:cropped_digits
+  hf-wemoe eval --model wemoe-vit-b32-tta --task mnist=ylecun/mnist --task svhn=ufldl-stanford/svhn:cropped_digits \\
+      --stream mixed --routing batch       # one shuffled stream of both tasks, routing averaged per batch
   hf-wemoe eval --model tanganke/clip-vit-base-patch32_mnist --clip-model openai/clip-vit-base-patch32 \\
       --task mnist=ylecun/mnist --templates mnist --output-json expert.json
 """

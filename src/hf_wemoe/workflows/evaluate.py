@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
-from hf_wemoe.evaluation import EvalResult, evaluate_tasks, markdown_table, write_results
+from hf_wemoe.evaluation import (
+    EvalResult,
+    evaluate_mixed_stream,
+    evaluate_tasks,
+    markdown_table,
+    write_results,
+)
 from hf_wemoe.io.outputs import check_output_file
 from hf_wemoe.models.configuration_wemoe import RoutingMode
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
@@ -19,6 +27,13 @@ class EvalConfig(TaskOptions):
         None, description="routing mode", json_schema_extra={"default_text": "the model's"}
     )
     output_json: str = Field("eval_results.json", description="where to write the results as JSON")
+    stream: Literal["tasks", "mixed"] = Field(
+        "tasks",
+        description="tasks: each task's images in batches of their own; mixed: all tasks as one shuffled stream "
+        "(every batch mixes tasks, each image scored with its own task's head: what a deployed model sees, "
+        "and where batch routing averages the routing of different tasks)",
+    )
+    seed: int = Field(0, description="seed of the mixed stream's order")
 
 
 def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
@@ -30,10 +45,16 @@ def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
     device = config.device or default_device()
     classifier.to(device)
     classifier.check_runs(f"the model {config.model}")
-    result = evaluate_tasks(classifier, tasks, config.eval_batch_size, device, progress=progress)
+    if config.stream == "mixed":
+        result = evaluate_mixed_stream(
+            classifier, tasks, config.eval_batch_size, seed=config.seed, device=device, progress=progress
+        )
+    else:
+        result = evaluate_tasks(classifier, tasks, config.eval_batch_size, device, progress=progress)
     payload = {
         "model": config.model,
         "routing": routing_mode(classifier),
+        "stream": "tasks" if config.stream == "tasks" else f"mixed, batch {config.eval_batch_size}",
         **result.to_dict(),
         "datasets": {task.name: config.task[task.name] for task in tasks},
     }
