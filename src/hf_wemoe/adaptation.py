@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 Objective = Literal["entropy", "infomax", "supervised"]
 # The routing term's weight when `routing_loss` is left unset and every task is named like an expert.
-AUTO_ROUTING_LOSS = 1.0
+AUTO_ROUTING_LOSS = 3.0
 OBJECTIVES: tuple[str, ...] = ("entropy", "infomax", "supervised")
 
 
@@ -86,7 +86,7 @@ class TrainOptions(BaseModel):
         allow_inf_nan=False,
         description="weight of a term pulling each task's routing towards its own expert (uses which task's "
         "dataset an image came from, never at inference; tasks must be named like experts)",
-        json_schema_extra={"metavar": "W", "default_text": "1 when every task is named like an expert, else 0"},
+        json_schema_extra={"metavar": "W", "default_text": "3 when every task is named like an expert, else 0"},
     )
     monitor_every: int = Field(
         20, ge=0, description="measure collapse and routing on a fixed probe set every N steps (0: never)"

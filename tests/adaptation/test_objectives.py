@@ -180,7 +180,7 @@ def test_train_reports_the_monitor(world, tmp_path, capsys):
             "--monitor-every", "2", "--quiet", "--output", str(output)]  # fmt: skip
     assert main(args) == 0
     # The defaults: infomax, and the routing term on because both tasks are named like experts.
-    assert "with infomax + routing 1 (" in capsys.readouterr().out
+    assert "with infomax + routing 3 (" in capsys.readouterr().out
     results = json.loads((output / "eval_results.json").read_text())
     trajectory = results["adaptation"]["monitor"]["trajectory"]
     assert [r["step"] for r in trajectory] == [0, 2, 4]
@@ -202,7 +202,7 @@ def test_train_can_start_from_the_calibration(world, tmp_path):
     assert provenance["calibration"]["images_per_task"] == 8 and provenance["adaptation"]["steps"] == 2
     card = (output / "README.md").read_text()
     assert "### Router calibration" in card and "from 8 unlabelled images per task" in card
-    assert "objective `infomax + routing 1`" in card
+    assert "objective `infomax + routing 3`" in card
     # Two tiny steps barely move the calibrated routers: each task still routes to its own expert.
     trajectory = json.loads((output / "eval_results.json").read_text())["adaptation"]["monitor"]["trajectory"]
     experts = json.loads((output / "config.json").read_text())["expert_names"]

@@ -18,7 +18,7 @@ def test_demo_runs_every_stage_and_writes_results(toy_zoo_small, tmp_path, capsy
     assert header in printed
     rows = json.loads((output / "results.json").read_text())
     paper, calibrated = "entropy, 2 steps", "calibrated"
-    ours = "calibrated + infomax + routing 1, 2 steps"
+    ours = "calibrated + infomax + routing 3, 2 steps"
     moe_rows = []
     for method in ("wemoe", "e-wemoe"):
         moe_rows += [

@@ -21,7 +21,7 @@ DEFAULT_LR = 1e-3
 Objective = Literal["entropy", "infomax"]
 # Chosen from measurements on both toy-zoo presets (README, "Router adaptation that holds up").
 DEFAULT_OBJECTIVE = "infomax"
-DEFAULT_ROUTING_LOSS = 1.0
+DEFAULT_ROUTING_LOSS = 3.0
 
 DESCRIPTION = """\
 Build (or reuse) the offline toy zoo, a tiny CLIP and one fine-tuned expert per toy task; merge the experts with
