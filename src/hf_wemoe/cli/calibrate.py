@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 
 from hf_wemoe.cli.options import add_config_option, add_options, resolve_options
-from hf_wemoe.cli.push import PushToHubOptions, check_push_target, push_output
-from hf_wemoe.evaluation import markdown_table
+from hf_wemoe.cli.push import PushToHubOptions, check_push_target, print_adapted, push_output
 from hf_wemoe.hub.push import PushResult
 from hf_wemoe.workflows.calibrate import CalibrateConfig, CalibrateSummary, run_calibrate
 from hf_wemoe.zeroshot.data import DATASET_REF_HELP
@@ -55,13 +54,6 @@ def calibrate(
 def run(args: argparse.Namespace) -> int:
     config, hub = resolve_options(args, CalibrateConfig, PushToHubOptions)
     summary, pushed = calibrate(config, hub, progress=False if args.quiet else None)
-    print(summary.line())
-    if summary.result is not None:
-        rows = [("calibrated", summary.result.accuracy)]
-        if summary.baseline is not None:
-            rows.insert(0, ("before calibration", summary.baseline.accuracy))
-        print(markdown_table(rows, list(summary.result.accuracy)))
-    print(f"saved to {summary.output}")
-    if pushed is not None:
-        print(pushed.line())
+    names = ("before calibration", "calibrated")
+    print_adapted(summary.line(), summary.result, summary.baseline, names, summary.output, pushed)
     return 0

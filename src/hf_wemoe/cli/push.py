@@ -102,6 +102,24 @@ def push_output(
         ) from err
 
 
+def print_adapted(
+    line: str, result, baseline, names: tuple[str, str], output: Path | None, pushed: PushResult | None
+) -> None:
+    """What `train` and `calibrate` print: the summary line, the before/after accuracy table (`names`), where the
+    folder is and what was pushed."""
+    from hf_wemoe.evaluation import markdown_table
+
+    print(line)
+    if result is not None:
+        rows = [(names[1], result.accuracy)]
+        if baseline is not None:
+            rows.insert(0, (names[0], baseline.accuracy))
+        print(markdown_table(rows, list(result.accuracy)))
+    print(f"saved to {output}")
+    if pushed is not None:
+        print(pushed.line())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, [PushOptions])
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.evaluation import EvalResult, write_results
+from hf_wemoe.evaluation import EvalResult, evaluate_tasks, write_results
 from hf_wemoe.hub.cards import MERGE_CONFIG_NAME, write_card
 from hf_wemoe.io.layout import EVAL_RESULTS_NAME, ROUTING_PLOT_NAME
 from hf_wemoe.io.outputs import atomic_output_dir
@@ -52,6 +52,22 @@ def routers_swapped(model: torch.nn.Module, routers: Mapping[str, torch.Tensor])
         with torch.no_grad():
             for name, value in current.items():
                 parameters[name].copy_(value)
+
+
+def evaluate_with_baseline(
+    classifier: Any,
+    tasks: list,
+    routers_before: Mapping[str, torch.Tensor] | None,
+    batch_size: int,
+    progress: bool | None,
+) -> tuple[EvalResult, EvalResult | None]:
+    """Accuracy of the classifier as it is and, when `routers_before` is given, with those routers put back for
+    the baseline (same data, same heads)."""
+    result = evaluate_tasks(classifier, tasks, batch_size, progress=progress)
+    if routers_before is None:
+        return result, None
+    with routers_swapped(classifier.vision_model, routers_before):
+        return result, evaluate_tasks(classifier, tasks, batch_size, progress=progress)
 
 
 def merge_recipe_file(model_ref: str | None) -> Path | None:
@@ -118,4 +134,4 @@ def write_adapted_folder(
     return output
 
 
-__all__ = ["merge_recipe_file", "router_state", "routers_swapped", "write_adapted_folder"]
+__all__ = ["evaluate_with_baseline", "merge_recipe_file", "router_state", "routers_swapped", "write_adapted_folder"]

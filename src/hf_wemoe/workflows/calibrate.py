@@ -26,11 +26,11 @@ from hf_wemoe.calibration import (
     calibrate_routers,
 )
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.evaluation import EvalResult, evaluate_tasks
+from hf_wemoe.evaluation import EvalResult
 from hf_wemoe.io.layout import CONFIG_NAME
 from hf_wemoe.io.outputs import check_output_dir
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
-from hf_wemoe.workflows.adapted import router_state, routers_swapped, write_adapted_folder
+from hf_wemoe.workflows.adapted import evaluate_with_baseline, router_state, write_adapted_folder
 from hf_wemoe.workflows.evaluate import default_device
 from hf_wemoe.workflows.tasks import TaskOptions, load_tasks, require, routing_mode
 from hf_wemoe.zeroshot.classifier import load_image_processor, load_vision_model
@@ -137,10 +137,9 @@ def run_calibrate(config: CalibrateConfig, progress: bool | None = True) -> Cali
     )
     summary = CalibrateSummary(calibration=calibration, output=output)
     if evaluate:
-        summary.result = evaluate_tasks(classifier, labelled, config.eval_batch_size, progress=progress)
-    if initial_routers is not None:
-        with routers_swapped(vision, initial_routers):
-            summary.baseline = evaluate_tasks(classifier, labelled, config.eval_batch_size, progress=progress)
+        summary.result, summary.baseline = evaluate_with_baseline(
+            classifier, labelled, initial_routers, config.eval_batch_size, progress
+        )
     vision.config.provenance = {
         **(vision.config.provenance or {}),
         "calibration": calibration_record(config.task, config.images_per_task, config.seed, config.ridge),

@@ -16,10 +16,10 @@ from pydantic import Field
 from hf_wemoe.adaptation import TrainOptions, adapt_routers
 from hf_wemoe.calibration import DEFAULT_RIDGE, MAX_IMAGES_PER_TASK, calibrate_routers
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.evaluation import EvalResult, evaluate_tasks
+from hf_wemoe.evaluation import EvalResult
 from hf_wemoe.io.outputs import check_output_dir
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
-from hf_wemoe.workflows.adapted import router_state, routers_swapped, write_adapted_folder
+from hf_wemoe.workflows.adapted import evaluate_with_baseline, router_state, write_adapted_folder
 from hf_wemoe.workflows.calibrate import calibration_record
 from hf_wemoe.workflows.tasks import TaskOptions, load_tasks, require, routing_mode
 
@@ -158,10 +158,9 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
         return summary
     vision: WEMoECLIPVisionModel = classifier.vision_model
     if evaluate:
-        summary.result = evaluate_tasks(classifier, labelled, config.eval_batch_size, progress=progress)
-    if initial_routers is not None:
-        with routers_swapped(vision, initial_routers):
-            summary.baseline = evaluate_tasks(classifier, labelled, config.eval_batch_size, progress=progress)
+        summary.result, summary.baseline = evaluate_with_baseline(
+            classifier, labelled, initial_routers, config.eval_batch_size, progress
+        )
     vision.config.provenance = {
         **(vision.config.provenance or {}),
         **({"calibration": calibration} if calibration is not None else {}),
