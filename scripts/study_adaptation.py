@@ -5,7 +5,7 @@ For one toy-zoo preset and one MoE method it merges once, then for every variant
 (task arithmetic everywhere), sets the routers (calibration and/or gradient steps) and prints, per task: accuracy
 before and after, the method's own oracle-routing bound, how many classes the task's predictions use (the
 exponential of the entropy of the marginal prediction on a fixed probe set of unlabelled images) before and
-after, and the mean routing weight of the task's own expert before and after. A task whose predicted classes
+after, and the mean routing weight of the task's own expert before and after (and of the other experts after). A task whose predicted classes
 fall below half of their start is marked as collapsing. The CPU time of every variant is printed with it.
 
 Variants are `+`-joined words: `calibrated` (the training-free calibration), an objective (`entropy`, the
@@ -54,12 +54,19 @@ def parse_variant(text: str, steps: int, lr: float, batch_size: int, seed: int):
     return calibrate, TrainOptions(steps=steps, lr=lr, batch_size_per_task=batch_size, seed=seed, **options)
 
 
+def others(routing: list[float], own: int) -> float:
+    """Mean routing weight of the experts other than `own`."""
+    rest = [weight for index, weight in enumerate(routing) if index != own]
+    return sum(rest) / len(rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--preset", default="plain", help="toy zoo preset (default: plain)")
+    parser.add_argument("--zoo", default=None, help="toy zoo folder (default: the cache, built when missing)")
     parser.add_argument("--method", default="wemoe", choices=["wemoe", "e-wemoe"], help="(default: wemoe)")
     parser.add_argument("--variant", action="append", help=f"(repeatable; default: {', '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--steps", type=int, default=200, help="gradient steps (default: 200)")
@@ -76,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     from hf_wemoe.evaluation import evaluate_tasks
     from hf_wemoe.merging.recipe import MergeRecipe
     from hf_wemoe.toy.build import get_toy_zoo
+    from hf_wemoe.toy.manifest import ZooManifest
     from hf_wemoe.utils.progress import quiet_libraries
     from hf_wemoe.workflows.experiment import Adaptation, load_suite, oracle_accuracy
     from hf_wemoe.workflows.merge import run_merge
     from hf_wemoe.workflows.suites import toy_suite
     from hf_wemoe.zeroshot.classifier import ZeroShotClassifier, load_vision_model
 
-    zoo = get_toy_zoo(args.preset)
+    zoo = ZooManifest.load(args.zoo) if args.zoo else get_toy_zoo(args.preset)
     suite = toy_suite(zoo, max_test_images=args.max_test_images)
     with quiet_libraries(False), tempfile.TemporaryDirectory(prefix="hf-wemoe-study-") as scratch:
         projection, tasks = load_suite(suite, progress=False)
@@ -111,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             experts = list(vision.config.expert_names)
             print(f"### {label} (CPU time {cpu:.0f} s)\n")
             print("| task | before | after | own bound | classes predicted, before → after | "
-                  "own expert's routing weight, before → after |")  # fmt: skip
-            print("|---|---:|---:|---:|---:|---:|")
+                  "own expert's routing weight, before → after | other experts' mean weight, after |")  # fmt: skip
+            print("|---|---:|---:|---:|---:|---:|---:|")
             for task in tasks:
                 name = task.name
                 s, e = start["tasks"][name], end["tasks"][name]
@@ -120,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 mark = " (collapsing)" if e["classes"] < 0.5 * s["classes"] else ""
                 print(f"| {name} | {before[name]:.1f} | {after[name]:.1f} | {bound[name]:.1f} | "
                       f"{s['classes']:.1f} → {e['classes']:.1f}{mark} | {s['routing'][own]:.2f} → "
-                      f"{e['routing'][own]:.2f} |")  # fmt: skip
+                      f"{e['routing'][own]:.2f} | {others(e['routing'], own):.2f} |")  # fmt: skip
             mean = lambda values: sum(values.values()) / len(values)  # noqa: E731
-            print(f"| **average** | **{mean(before):.1f}** | **{mean(after):.1f}** | **{mean(bound):.1f}** | | |\n")
+            print(f"| **average** | **{mean(before):.1f}** | **{mean(after):.1f}** | **{mean(bound):.1f}** | | | |\n")
             sys.stdout.flush()
     return 0
 
