@@ -141,11 +141,13 @@ def infomax_loss(
 
 
 def routing_target_loss(routing: Sequence[torch.Tensor], expert: int) -> torch.Tensor:
-    """Mean squared distance of routing weights (one (B, K) tensor per MoE layer) from routing to `expert` alone."""
+    """How far routing weights (one (B, K) tensor per MoE layer) are from routing to `expert` alone: the squared
+    shortfall of its weight below 1 plus the squared weights of the other experts, averaged over samples and
+    layers. Weights above 1 on the own expert cost nothing: a pruned task vector may want more than its share."""
     stacked = torch.stack([weights.float() for weights in routing])  # (layers, B, K)
-    target = torch.zeros(stacked.shape[-1], device=stacked.device)
-    target[expert] = 1.0
-    return (stacked - target).pow(2).sum(dim=-1).mean()
+    own = stacked[..., expert]
+    others = stacked.pow(2).sum(dim=-1) - own.pow(2)
+    return (torch.relu(1.0 - own).pow(2) + others).mean()
 
 
 def objective_label(options: TrainOptions) -> str:

@@ -62,6 +62,9 @@ def test_losses_measure_what_they_say():
     assert float(infomax_loss(same)) > float(infomax_loss(diverse)) + 1.0
     routing = [torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
     assert math.isclose(float(routing_target_loss(routing, expert=1)), 2 / 4, rel_tol=1e-6)
+    # More than its share on the own expert costs nothing (a pruned task vector may need it); others always cost.
+    assert float(routing_target_loss([torch.tensor([[0.0, 2.5]])], expert=1)) == 0.0
+    assert math.isclose(float(routing_target_loss([torch.tensor([[-0.5, 1.5]])], expert=1)), 0.25, rel_tol=1e-6)
     assert objective_label(TrainOptions(objective="infomax", routing_loss=1.0, keep_best=True)) == (
         "infomax + routing 1 (best kept)"
     )
