@@ -212,3 +212,36 @@ def test_train_can_start_from_the_calibration(world, tmp_path):
     for task in ("blocks", "stripes"):
         routing = trajectory[0]["tasks"][task]["routing"]
         assert routing[experts.index(task)] > 0.7 > routing[1 - experts.index(task)]
+
+
+def test_trackers_receive_the_loss_and_the_monitor(world):
+    from accelerate.tracking import GeneralTracker
+
+    class Recorder(GeneralTracker):
+        name = "recorder"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+            self.logs: list[tuple[int | None, dict]] = []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logs.append((step, dict(values)))
+
+    recorder = Recorder()
+    classifier, tasks = load(world)
+    options = TrainOptions(steps=4, batch_size_per_task=4, monitor_every=2, log_every=2)
+    adapt_routers(classifier, tasks, options, report_to=[recorder], progress=False)
+    probes = {step: values for step, values in recorder.logs if "monitor/score" in values}
+    assert sorted(probes) == [0, 2, 4]
+    assert {"monitor/blocks/classes", "monitor/stripes/information", "monitor/blocks/routing/stripes"} <= set(
+        probes[2]
+    )
+    assert [step for step, values in recorder.logs if "loss" in values] == [2, 4]

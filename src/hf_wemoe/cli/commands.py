@@ -34,7 +34,7 @@ COMMANDS: dict[str, Command] = {
         Command(
             "train",
             "train",
-            "adapt the routers of a WEMoE model (test-time adaptation by entropy minimisation)",
+            "adapt the routers of a WEMoE model on unlabelled data (test-time adaptation, collapse monitored)",
         ),
         Command(
             "calibrate",
