@@ -33,12 +33,19 @@ def legacy_outputs() -> dict[str, torch.Tensor]:
     return load_file(FIXTURES / "legacy_outputs.safetensors")
 
 
+def _close(actual: torch.Tensor, stored: torch.Tensor) -> None:
+    # The stored outputs were computed on the machine that saved the folders; another CPU (or thread count) may
+    # round the same float operations differently, so they are compared closely, not bit for bit. Bit-identity
+    # with the 0.1.0 code is checked on this machine against the folders' own model files (below).
+    torch.testing.assert_close(actual, stored, atol=1e-5, rtol=1e-5)
+
+
 def _assert_legacy_outputs(model, name: str, expected: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         outputs = model(expected["pixel_values"], output_routing_weights=True)
-    assert torch.equal(outputs.pooler_output, expected[f"{name}.pooler_output"])
-    assert torch.equal(outputs.last_hidden_state, expected[f"{name}.last_hidden_state"])
-    assert torch.equal(torch.stack(outputs.routing_weights), expected[f"{name}.routing_weights"])
+    _close(outputs.pooler_output, expected[f"{name}.pooler_output"])
+    _close(outputs.last_hidden_state, expected[f"{name}.last_hidden_state"])
+    _close(torch.stack(outputs.routing_weights), expected[f"{name}.routing_weights"])
 
 
 @legacy_names
@@ -48,24 +55,30 @@ def test_legacy_folder_loads_bit_identically(name, legacy_outputs):
     _assert_legacy_outputs(model, name, legacy_outputs)
 
 
-def test_legacy_folders_load_with_their_own_remote_code(tmp_path):
-    """In a fresh process where hf_wemoe cannot be imported, the folders' own (old) model files give the bits."""
+@legacy_names
+def test_legacy_folders_load_with_their_own_remote_code(tmp_path, legacy_outputs):
+    """In a fresh process where hf_wemoe cannot be imported, the folders' own (0.1.0) model files give the same
+    bits as this version's classes on this machine."""
+    remote = tmp_path / "remote.safetensors"
     script = WITHOUT_PACKAGE + textwrap.dedent(
         f"""
         import torch
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file, save_file
         from transformers import AutoModel
 
-        expected = load_file({str(FIXTURES / "legacy_outputs.safetensors")!r})
+        torch.set_num_threads({torch.get_num_threads()})  # the same reductions as the parent process
+        pixel_values = load_file({str(FIXTURES / "legacy_outputs.safetensors")!r})["pixel_values"]
+        results = {{}}
         for name in {LEGACY!r}:
             model = AutoModel.from_pretrained({str(FIXTURES)!r} + "/" + name, trust_remote_code=True).eval()
             assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
             with torch.no_grad():
-                outputs = model(expected["pixel_values"], output_routing_weights=True)
-            assert torch.equal(outputs.pooler_output, expected[name + ".pooler_output"]), name
-            assert torch.equal(outputs.last_hidden_state, expected[name + ".last_hidden_state"]), name
-            assert torch.equal(torch.stack(outputs.routing_weights), expected[name + ".routing_weights"]), name
+                outputs = model(pixel_values, output_routing_weights=True)
+            results[name + ".pooler_output"] = outputs.pooler_output
+            results[name + ".last_hidden_state"] = outputs.last_hidden_state
+            results[name + ".routing_weights"] = torch.stack(outputs.routing_weights)
             print("REMOTE-OK", name)
+        save_file(results, {str(remote)!r})
         """
     )
     env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
@@ -74,6 +87,15 @@ def test_legacy_folders_load_with_their_own_remote_code(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(f"REMOTE-OK {name}" in result.stdout for name in LEGACY)
+    old = load_file(remote)
+    for name in LEGACY:
+        model = WEMoECLIPVisionModel.from_pretrained(FIXTURES / name).eval()
+        with torch.no_grad():
+            outputs = model(legacy_outputs["pixel_values"], output_routing_weights=True)
+        assert torch.equal(outputs.pooler_output, old[f"{name}.pooler_output"]), name
+        assert torch.equal(outputs.last_hidden_state, old[f"{name}.last_hidden_state"]), name
+        assert torch.equal(torch.stack(outputs.routing_weights), old[f"{name}.routing_weights"]), name
+        _close(outputs.pooler_output, legacy_outputs[f"{name}.pooler_output"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,8 +187,12 @@ def test_set_routing_and_the_routing_argument_match_the_old_config_switch(legacy
         assert model.config.routing == "batch"
         switched = model(pixel_values).pooler_output
         back = model(pixel_values, routing="sample").pooler_output
-    assert torch.equal(per_call, expected) and torch.equal(switched, expected)
-    assert torch.equal(back, legacy_outputs["legacy_wemoe.pooler_output"])
+    assert torch.equal(per_call, switched)
+    _close(per_call, expected)
+    with torch.no_grad():
+        model.set_routing("sample")
+        assert torch.equal(back, model(pixel_values).pooler_output)
+    _close(back, legacy_outputs["legacy_wemoe.pooler_output"])
 
 
 def test_routing_values_are_checked_in_one_line():

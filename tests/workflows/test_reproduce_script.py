@@ -56,14 +56,16 @@ def test_reproduce_script_runs_the_paper_pipeline_on_the_local_hub(paper_hub, tm
         "--workdir", str(tmp_path / "work"), "--output", str(tmp_path / "results"), "--quiet",
     ]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert "| method | routing | mnist | svhn | average |" in printed
+    assert "| method | adaptation | routing | stream | mnist | svhn | average | adaptation time |" in printed
     rows = json.loads((tmp_path / "results" / "results.json").read_text())
     methods = [row["method"] for row in rows]
     assert methods == [
         "pretrained (zero-shot)", "individual experts", "average", "task-arithmetic", "ties", "wemoe",
-        "oracle routing (upper bound)", "e-wemoe",
+        "oracle routing (wemoe bound)", "e-wemoe", "oracle routing (e-wemoe bound)",
     ]  # fmt: skip
-    assert all(set(row) >= {"method", "routing", "mnist", "svhn", "average"} for row in rows)
+    assert all(set(row) >= {"method", "adaptation", "routing", "mnist", "svhn", "average"} for row in rows)
+    # The reproduction adapts with the papers' objective, and says so in every MoE row.
+    assert {row["adaptation"] for row in rows if row["method"] in ("wemoe", "e-wemoe")} == {"entropy, 2 steps"}
     merged = json.loads((tmp_path / "work" / "wemoe" / "config.json").read_text())
     assert merged["base_model_ref"].startswith("openai/clip-vit-base-patch32")
     assert "reported average" in (tmp_path / "results" / "results.md").read_text()
