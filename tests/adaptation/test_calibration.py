@@ -127,7 +127,7 @@ def calibrate_args(world, output, *extra):
         "--task", f"blocks={world['blocks']}#train",
         "--task", f"stripes={world['stripes']}#train",
         "--templates", "generic",
-        "--images-per-task", "16",
+        "--calibration-images", "16",
         "--quiet",
         "--output", str(output),
         *extra,
@@ -160,7 +160,7 @@ def test_merge_calibrate_changes_only_the_routers(world, tmp_path, capsys):
     calibrate = [arg for name in TASKS for arg in ("--calibrate", f"{name}={world[name]}#train")]
     assert main(merge_args(world, plain, "--router-depth", "1")) == 0
     assert (
-        main(merge_args(world, calibrated, "--router-depth", "1", *calibrate, "--calibrate-images", "16"))
+        main(merge_args(world, calibrated, "--router-depth", "1", *calibrate, "--calibration-images", "16"))
         == 0
     )
     assert "route to their task's expert" in capsys.readouterr().out

@@ -24,7 +24,7 @@ EXAMPLES = """\
 examples:
   hf-wemoe calibrate --model wemoe-vit-b32 --task sun397=tanganke/sun397#train \\
       --task svhn=ufldl-stanford/svhn:cropped_digits#train --output wemoe-vit-b32-cal
-  hf-wemoe calibrate --config calibrate.yaml --images-per-task 16 --no-evaluate
+  hf-wemoe calibrate --config calibrate.yaml --calibration-images 16 --no-evaluate
 """
 
 

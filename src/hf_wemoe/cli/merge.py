@@ -64,7 +64,7 @@ class MergeRunOptions(PushToHubOptions):
         "unlabelled ones, without training (repeatable; wemoe and e-wemoe)",
         json_schema_extra={"metavar": "NAME=DATASET"},
     )
-    calibrate_images: int = Field(
+    calibration_images: int = Field(
         default=64,
         ge=1,
         le=64,
@@ -86,7 +86,7 @@ class MergeRunOptions(PushToHubOptions):
         """The calibration to run on the merged model, if any."""
         if not self.calibrate:
             return None
-        return CalibrationRequest(dict(self.calibrate), images_per_task=self.calibrate_images)
+        return CalibrationRequest(dict(self.calibrate), images_per_task=self.calibration_images)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -46,7 +46,7 @@ class CalibrateConfig(TaskOptions):
         json_schema_extra={"metavar": "DIR", "required": True},
     )
     overwrite: bool = Field(False, description="replace an existing output folder")
-    images_per_task: int = Field(
+    calibration_images: int = Field(
         MAX_IMAGES_PER_TASK,
         ge=1,
         le=MAX_IMAGES_PER_TASK,
@@ -129,7 +129,7 @@ def run_calibrate(config: CalibrateConfig, progress: bool | None = True) -> Cali
     calibration = calibrate_routers(
         vision,
         tasks,
-        images_per_task=config.images_per_task,
+        images_per_task=config.calibration_images,
         seed=config.seed,
         ridge=config.ridge,
         batch_size=config.eval_batch_size,
@@ -142,7 +142,7 @@ def run_calibrate(config: CalibrateConfig, progress: bool | None = True) -> Cali
         )
     vision.config.provenance = {
         **(vision.config.provenance or {}),
-        "calibration": calibration_record(config.task, config.images_per_task, config.seed, config.ridge),
+        "calibration": calibration_record(config.task, config.calibration_images, config.seed, config.ridge),
     }
     write_adapted_folder(
         output,
