@@ -38,7 +38,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -199,6 +199,19 @@ def _router_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if is_router_parameter(name)}
 
 
+def router_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the router parameters (what adaptation and calibration change)."""
+    return {name: parameter.detach().clone() for name, parameter in _router_parameters(model).items()}
+
+
+@torch.no_grad()
+def load_router_state(model: torch.nn.Module, routers: Mapping[str, torch.Tensor]) -> None:
+    """Copy `routers` (name -> tensor, as `router_state` gives) into the model's router parameters."""
+    parameters = _router_parameters(model)
+    for name, value in routers.items():
+        parameters[name].copy_(value)
+
+
 def _data_order(tasks: Sequence[ClassificationTask], options: TrainOptions) -> dict:
     """What the data order of a run depends on: a resumed run continues it exactly only if these are equal."""
     return {
@@ -295,9 +308,7 @@ def load_checkpoint(
             monitor.load_state(state["monitor"], tensors)
     except (KeyError, TypeError, ValueError) as err:
         raise WEMoEError(f"{folder} is a damaged training checkpoint: {' '.join(str(err).split())}") from err
-    with torch.no_grad():
-        for name, parameter in parameters.items():
-            parameter.copy_(routers[name])
+    load_router_state(model, {name: routers[name] for name in parameters})
     progress.step, progress.micro_step = step, micro_step
 
 
@@ -375,10 +386,7 @@ class AdaptationMonitor:
         if record["score"] > self.best_score:
             self.best_score, self.best_step = record["score"], step
             if self.options.keep_best:
-                self.best_routers = {
-                    name: p.detach().clone()
-                    for name, p in _router_parameters(self.classifier.vision_model).items()
-                }
+                self.best_routers = router_state(self.classifier.vision_model)
         return record
 
     def _check_collapse(self, record: dict) -> None:
@@ -407,10 +415,7 @@ class AdaptationMonitor:
         """Put the best routers back (with `keep_best`); returns whether they differ from the last ones."""
         if self.best_routers is None or self.best_step == (self.records[-1]["step"] if self.records else None):
             return False
-        parameters = _router_parameters(self.classifier.vision_model)
-        with torch.no_grad():
-            for name, value in self.best_routers.items():
-                parameters[name].copy_(value)
+        load_router_state(self.classifier.vision_model, self.best_routers)
         return True
 
     def tracker_values(self, record: dict) -> dict[str, float]:

@@ -133,6 +133,15 @@ def test_the_cli_presets_are_the_toy_zoos():
     assert tuple(PRESETS) == PRESET_NAMES
 
 
+def test_the_demo_objectives_are_the_unlabelled_objectives_of_adaptation():
+    from typing import get_args
+
+    from hf_wemoe.adaptation import OBJECTIVES
+    from hf_wemoe.cli.demo import Objective
+
+    assert get_args(Objective) == tuple(o for o in OBJECTIVES if o != "supervised")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Flag spellings, -q/-v
 

@@ -1,5 +1,5 @@
-"""What `hf-wemoe train` and `hf-wemoe calibrate` share: keeping the routers aside, and writing the folder of a
-model whose routers changed.
+"""What `hf-wemoe train` and `hf-wemoe calibrate` share: evaluating with the earlier routers as a baseline, and
+writing the folder of a model whose routers changed.
 
 The folder is written atomically and holds the model, its image processor, eval_results.json (accuracy per task and
 the model as it was before, as a baseline), routing.png, the merge recipe of a local model folder
@@ -17,41 +17,28 @@ from typing import Any
 
 import torch
 
+from hf_wemoe.adaptation import load_router_state, router_state
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import EvalResult, evaluate_tasks, write_results
 from hf_wemoe.hub.cards import MERGE_CONFIG_NAME, write_card
 from hf_wemoe.io.layout import EVAL_RESULTS_NAME, ROUTING_PLOT_NAME
 from hf_wemoe.io.outputs import atomic_output_dir
 from hf_wemoe.io.sources import parse_reference
-from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
+from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
 from hf_wemoe.workflows.plots import plot_routing
 
 logger = logging.getLogger(__name__)
 
 
-def router_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the router parameters (what adaptation and calibration change)."""
-    return {
-        name: parameter.detach().clone()
-        for name, parameter in model.named_parameters()
-        if is_router_parameter(name)
-    }
-
-
 @contextlib.contextmanager
 def routers_swapped(model: torch.nn.Module, routers: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """Run with other router parameters in place, then put the current ones back."""
-    parameters = dict(model.named_parameters())
-    current = {name: parameters[name].detach().clone() for name in routers}
-    with torch.no_grad():
-        for name, value in routers.items():
-            parameters[name].copy_(value)
+    current = router_state(model)
+    load_router_state(model, routers)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for name, value in current.items():
-                parameters[name].copy_(value)
+        load_router_state(model, current)
 
 
 def evaluate_with_baseline(
@@ -134,4 +121,4 @@ def write_adapted_folder(
     return output
 
 
-__all__ = ["evaluate_with_baseline", "merge_recipe_file", "router_state", "routers_swapped", "write_adapted_folder"]
+__all__ = ["evaluate_with_baseline", "merge_recipe_file", "routers_swapped", "write_adapted_folder"]

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
+from hf_wemoe.adaptation import router_state
 from hf_wemoe.calibration import (
     DEFAULT_RIDGE,
     MAX_IMAGES_PER_TASK,
@@ -30,7 +31,7 @@ from hf_wemoe.evaluation import EvalResult
 from hf_wemoe.io.layout import CONFIG_NAME
 from hf_wemoe.io.outputs import check_output_dir
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, is_router_parameter
-from hf_wemoe.workflows.adapted import evaluate_with_baseline, router_state, write_adapted_folder
+from hf_wemoe.workflows.adapted import evaluate_with_baseline, write_adapted_folder
 from hf_wemoe.workflows.evaluate import default_device
 from hf_wemoe.workflows.tasks import TaskOptions, load_tasks, require, routing_mode
 from hf_wemoe.zeroshot.classifier import load_image_processor, load_vision_model

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from pydantic import Field
 
-from hf_wemoe.adaptation import TrainOptions, adapt_routers
+from hf_wemoe.adaptation import TrainOptions, adapt_routers, router_state
 from hf_wemoe.calibration import DEFAULT_RIDGE, MAX_IMAGES_PER_TASK, calibrate_routers
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.evaluation import EvalResult
 from hf_wemoe.io.outputs import check_output_dir
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
-from hf_wemoe.workflows.adapted import evaluate_with_baseline, router_state, write_adapted_folder
+from hf_wemoe.workflows.adapted import evaluate_with_baseline, write_adapted_folder
 from hf_wemoe.workflows.calibrate import calibration_record
 from hf_wemoe.workflows.tasks import TaskOptions, load_tasks, require, routing_mode
 
@@ -161,15 +161,15 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
         summary.result, summary.baseline = evaluate_with_baseline(
             classifier, labelled, initial_routers, config.eval_batch_size, progress
         )
+    # What ran, in config.json (with tasks, options and loss) and in eval_results.json (with the monitor).
+    ran = {"objective": summary.objective, "steps": summary.steps, "kept_step": summary.kept_step}
     vision.config.provenance = {
         **(vision.config.provenance or {}),
         **({"calibration": calibration} if calibration is not None else {}),
         "adaptation": {
             "tasks": dict(config.task),
             "options": options.model_dump(),
-            "objective": summary.objective,
-            "steps": summary.steps,
-            "kept_step": summary.kept_step,
+            **ran,
             "final_loss": summary.final_loss,
         },
     }
@@ -184,14 +184,7 @@ def run_train(config: TrainConfig, progress: bool = True) -> TrainSummary:
         result=summary.result,
         baseline=summary.baseline,
         baseline_name="before adaptation",
-        details={
-            "adaptation": {
-                "objective": summary.objective,
-                "steps": summary.steps,
-                "kept_step": summary.kept_step,
-                "monitor": summary.monitor,
-            }
-        },
+        details={"adaptation": {**ran, "monitor": summary.monitor}},
         trajectory=(summary.monitor or {}).get("trajectory"),
     )
     return summary
