@@ -78,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     variants = [parse_variant(v, args.steps, args.lr, args.batch_size_per_task, args.seed) for v in
                 (args.variant or DEFAULT_VARIANTS)]  # fmt: skip
 
-    from hf_wemoe.adaptation import AdaptationMonitor, TrainOptions, adapt_routers
+    from hf_wemoe.adaptation import (
+        AdaptationMonitor,
+        TrainOptions,
+        adapt_routers,
+        load_router_state,
+        router_state,
+    )
     from hf_wemoe.calibration import calibrate_routers
     from hf_wemoe.evaluation import evaluate_tasks
     from hf_wemoe.merging.recipe import MergeRecipe
@@ -98,16 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         recipe = MergeRecipe(base=suite.base, experts={t.name: t.expert for t in suite.tasks}, method=args.method)
         run_merge(recipe, merged, overwrite=True, show_progress=False)
         vision, _ = load_vision_model(str(merged))
+        classifier = ZeroShotClassifier(vision, projection)
+        as_built = router_state(vision)  # every variant starts from the merge as built
         bound = oracle_accuracy(vision, projection, tasks)
         probe_options = TrainOptions(seed=args.seed)
-        start = AdaptationMonitor(ZeroShotClassifier(vision, projection), tasks, probe_options).measure(0)
-        before = evaluate_tasks(ZeroShotClassifier(vision, projection), tasks, progress=False).accuracy
+        start = AdaptationMonitor(classifier, tasks, probe_options).measure(0)
+        before = evaluate_tasks(classifier, tasks, progress=False).accuracy
         print(f"toy zoo preset {zoo.preset} (seed {zoo.seed}), {args.method}; before = the merge as built (every "
               f"expert at scaling {vision.config.scaling}: task arithmetic)\n")  # fmt: skip
         for calibrate, train in variants:
             label = Adaptation(train=train, calibrate=calibrate).label
-            vision, _ = load_vision_model(str(merged))
-            classifier = ZeroShotClassifier(vision, projection)
+            load_router_state(vision, as_built)
             cpu = time.process_time()
             if calibrate:
                 calibrate_routers(vision, tasks, seed=args.seed, progress=False)

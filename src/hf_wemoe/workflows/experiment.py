@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hf_wemoe.adaptation import TrainOptions, adapt_routers, objective_label
+from hf_wemoe.adaptation import TrainOptions, adapt_routers, load_router_state, objective_label, router_state
 from hf_wemoe.calibration import calibrate_routers
 from hf_wemoe.evaluation import evaluate_mixed_stream, evaluate_tasks, write_results
 from hf_wemoe.merging.recipe import MergeRecipe
@@ -209,16 +209,17 @@ def _run(suite: Suite, workdir: Path, options: ExperimentOptions, methods: dict,
             vision, _ = load_vision_model(str(output))
             rows.append(ResultRow(name, None, evaluate(vision, tasks)))
             continue
+        vision, _ = load_vision_model(str(output))
+        as_built = router_state(vision)  # every adaptation starts from the merge as built
         oracle = None
         if ORACLE in options.methods:
             # The method's own bound: its stored task vectors (pruned ones for a sparse merge), one task at a time.
             timed(f"evaluating {name}'s oracle-routing bound (each task's own stored task vectors)")
-            vision, _ = load_vision_model(str(output))
             accuracy = oracle_accuracy(vision, projection, tasks, options.eval_batch_size, device, options.progress)
             oracle = ResultRow(f"oracle routing ({name} bound)", None, accuracy)
         for position, adaptation in enumerate(options.resolved_adaptations()):
             timed(f"{name}: {adaptation.label}")
-            vision, _ = load_vision_model(str(output))  # every adaptation starts from the merge as built
+            load_router_state(vision, as_built)
             classifier = ZeroShotClassifier(vision, projection).to(device)
             start, collapsed = time.process_time(), []
             if adaptation.calibrate:
