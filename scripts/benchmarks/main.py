@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from benchmarks import forward, merge, train
+from benchmarks import forward, lowrank, merge, train
 from benchmarks.harness import load_average, machine_info
 from benchmarks.report import render
 from benchmarks.settings import SHAPES
 
-SECTIONS = ("forward", "train", "merge", "size")
+SECTIONS = ("forward", "train", "merge", "size", "lowrank")
 
 # What `--worker KIND --spec JSON` runs in a fresh process.
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"train": train.worker}
@@ -37,8 +37,21 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
     parser.add_argument(
         "--sections",
-        default="forward,train,merge,size",
-        help="comma-separated subset of forward,train,merge,size",
+        default="forward,train,merge,size,lowrank",
+        help="comma-separated subset of forward,train,merge,size,lowrank",
+    )
+    parser.add_argument(
+        "--ranks",
+        type=lambda text: [int(r) for r in text.split(",")],
+        default=[8, 16, 32, 64],
+        help="ranks of the low-rank section, comma-separated (default: 8,16,32,64)",
+    )
+    parser.add_argument(
+        "--lowrank-batches",
+        type=int,
+        nargs="+",
+        default=[1, 16, 128],
+        help="forward batch sizes of the low-rank section (default: 1 16 128)",
     )
     parser.add_argument("--output", default="BENCHMARKS.md", help="report file (default: BENCHMARKS.md)")
     parser.add_argument("--json", default=None, help="also write the raw measurements to this JSON file")
@@ -93,10 +106,12 @@ def parse_args(argv: list[str], description: str | None = None) -> argparse.Name
     args.argv = argv
     if args.quick or args.smoke:
         args.batches, args.repeats, args.repeats_large = [2, 4], 1, 1
+        args.lowrank_batches = [1, 2, 4]
         args.fusionbench_repeats = args.fusionbench_repeats_large = args.cpu_time_repeats = 1
         args.train_batch, args.train_batch_small, args.train_steps, args.train_steps_small = 8, 2, 1, 1
     if args.smoke:
         args.shape = "tiny"
+        args.ranks = [4, 16]
     return args
 
 
@@ -105,6 +120,9 @@ def _restore_keys(results: dict[str, Any]) -> dict[str, Any]:
     forward_results = results.get("forward")
     if forward_results:
         forward_results["batches"] = {int(b): entry for b, entry in forward_results["batches"].items()}
+    lowrank_results = results.get("lowrank")
+    if lowrank_results:
+        lowrank_results["forward"] = {int(b): entry for b, entry in lowrank_results["forward"].items()}
     return results
 
 
@@ -142,6 +160,8 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
         results["train"] = train.measure(args)
     if sections & {"merge", "size"}:
         results["merge"] = merge.measure(args, sections)
+    if "lowrank" in sections:
+        results["lowrank"] = lowrank.measure(args, device)
     elapsed = time.perf_counter() - start
     text = render(args, info, results, started, elapsed)
     Path(args.output).write_text(text)

@@ -8,7 +8,7 @@ from typing import Any
 
 import jinja2
 
-from benchmarks import forward, merge, size, train
+from benchmarks import forward, lowrank, merge, size, train
 from benchmarks.formatting import fmt_gib, fmt_seconds, fmt_status
 from benchmarks.harness import load_average
 from benchmarks.settings import NUM_EXPERTS, Check, GiB
@@ -16,7 +16,7 @@ from benchmarks.settings import NUM_EXPERTS, Check, GiB
 TEMPLATE = Path(__file__).resolve().with_name("report.md.j2")
 
 # Notes shown whatever the outcome; the others only explain a missed target.
-ALWAYS_NOTE = {"per_sample", "batch", "train", "merge"}
+ALWAYS_NOTE = {"per_sample", "batch", "train", "merge", "low_rank"}
 
 GENERAL_NOTES = [
     "The machine is shared: other jobs ran during the measurements (see the load averages). Variants are "
@@ -50,13 +50,21 @@ def checks(args: argparse.Namespace, results: dict[str, Any]) -> list[Check]:
         found += train.checks(args, results["train"])
     if results.get("merge"):
         found += merge.checks(args, results["merge"]) + size.checks(args, results["merge"])
+    if results.get("lowrank"):
+        found += lowrank.checks(args, results["lowrank"])
     return found
 
 
 def notes(args: argparse.Namespace, found: list[Check]) -> list[str]:
     """The notes for the targets (each once; for a met target only where it is in `ALWAYS_NOTE`), then the
     general ones."""
-    texts = {**forward.notes(args), **train.notes(args), **merge.notes(args), **size.notes(args)}
+    texts = {
+        **forward.notes(args),
+        **train.notes(args),
+        **merge.notes(args),
+        **size.notes(args),
+        **lowrank.notes(args),
+    }
     shown: dict[str, str] = {}
     for check in found:
         note = texts.get(check.note)
@@ -98,6 +106,7 @@ def render(
         "forward": forward.summary(args, results["forward"]) if results.get("forward") else None,
         "train": train.summary(args, results["train"]) if results.get("train") else None,
         "merge": merge.summary(args, results["merge"]) if results.get("merge") else None,
+        "lowrank": lowrank.summary(args, results["lowrank"]) if results.get("lowrank") else None,
         "checks": found,
         "notes": notes(args, found),
     }

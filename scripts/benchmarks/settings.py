@@ -49,6 +49,10 @@ TARGETS = {
     "train_peak_rss_gib": 8.0,
     "merge_overhead_gib": 1.5,
     "sparse_size_fraction": 0.30,
+    # The low-rank targets hold at this rank.
+    "low_rank_rank": 16,
+    "low_rank_vs_static": 1.3,
+    "low_rank_parameters": 1.25,
 }
 
 

@@ -16,7 +16,7 @@ from benchmarks.formatting import fmt_gib, fmt_seconds
 from benchmarks.fusionbench import make_fusionbench
 from benchmarks.harness import PeakRSS, load_average, run_worker, synchronize
 from benchmarks.settings import NUM_CLASSES, SHAPES, TARGETS, Check, GiB
-from benchmarks.variants import make_wemoe, pixel_values, set_routing
+from benchmarks.variants import make_low_rank, make_wemoe, pixel_values, set_routing
 
 PER_SAMPLE = "hf-wemoe per-sample"
 FUSIONBENCH = "FusionBench per-sample"
@@ -25,12 +25,13 @@ FUSIONBENCH = "FusionBench per-sample"
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One router-training setup in this (fresh) process: build, warm up, time steps, report peak RSS.
 
-    `spec`: shape, variant ("sample", "batch" or "fusionbench"), batch, steps, warmup, threads and device.
+    `spec`: shape, variant ("sample", "batch" or "fusionbench"), batch, steps, warmup, threads, device and, for a
+    low-rank model, rank.
     """
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    wemoe = make_wemoe(spec["shape"])
+    wemoe = make_low_rank(spec["shape"], int(spec["rank"])) if spec.get("rank") else make_wemoe(spec["shape"])
     if spec["variant"] == "fusionbench":
         model, _ = make_fusionbench(wemoe)
         del wemoe

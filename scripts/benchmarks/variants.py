@@ -52,6 +52,30 @@ def make_wemoe(shape: str, seed: int = 0, **options: Any) -> WEMoECLIPVisionMode
     return model.eval()
 
 
+def make_low_rank(shape: str, rank: int, seed: int = 0) -> WEMoECLIPVisionModel:
+    """A low-rank WEMoE model at `shape` (`rank` R): random factors whose products have about the task vectors'
+    magnitude, random bias task vectors and varied routers. Built directly from factors (no dense task vectors,
+    no SVD), so its memory is its own; speed and size do not depend on the values."""
+    config = wemoe_config(base_config(shape), expert_names(), scaling=LAMBDA, rank=rank)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WEMoECLIPVisionModel(config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for mlp in model.moe_layers:
+            vectors = mlp.task_vectors
+            for name, shape_ in vectors.shapes.items():
+                if vectors.is_factorised(name):
+                    out_features, in_features = shape_
+                    a = torch.randn(NUM_EXPERTS, rank, in_features, generator=generator) / in_features**0.5
+                    b = TASK_VECTOR_STD * torch.randn(NUM_EXPERTS, out_features, rank, generator=generator)
+                    vectors.set_factors(name, a, b * (in_features / rank) ** 0.5)
+                else:
+                    vectors.set(name, TASK_VECTOR_STD * torch.randn(NUM_EXPERTS, *shape_, generator=generator))
+        randomize_routers(model, seed + 2)
+    return model.eval()
+
+
 def make_static(wemoe: WEMoECLIPVisionModel) -> CLIPVisionModel:
     """The static baseline: `wemoe` collapsed at routing weights lambda (task arithmetic, a plain CLIP model)."""
     return wemoe.collapse(torch.full((NUM_EXPERTS,), LAMBDA)).eval()
