@@ -432,15 +432,21 @@ def low_rank_linear(
     if activation is not None:
         x = activation(x)
     dtype = x.dtype
+    batch, tokens = x.shape[:2]
     num_experts, rank, in_features = a.shape
     out_features = b.shape[1]
     a_all = a.reshape(num_experts * rank, in_features).to(dtype)
     b_all = b.transpose(0, 1).reshape(out_features, num_experts * rank).to(dtype)
+    flat = x.reshape(-1, in_features)
     scale = routing.repeat_interleave(rank, dim=1).unsqueeze(1)  # (B or 1, 1, K * R)
-    hidden = (torch.nn.functional.linear(x, a_all) * scale).to(dtype)
-    bias_rows = torch.addmm(bias.to(routing.dtype).unsqueeze(0), routing, bias_deltas.to(routing.dtype))
-    output = torch.nn.functional.linear(x, weight) + torch.nn.functional.linear(hidden, b_all)
-    return output + bias_rows.to(dtype).unsqueeze(1)
+    hidden = (torch.mm(flat, a_all.t()).view(batch, tokens, -1) * scale).to(dtype)
+    # One output tensor, written by the W0 GEMM (with b0) and accumulated into by the factor GEMM and the per-sample
+    # bias mix: every extra full-size temporary costs a pass over memory (and, on CPU, fresh pages) that the two
+    # small GEMMs themselves do not.
+    output = torch.addmm(bias.to(dtype), flat, weight.t())
+    output = output.addmm_(hidden.view(-1, num_experts * rank), b_all.t()).view(batch, tokens, out_features)
+    bias_mix = (routing @ bias_deltas.to(routing.dtype)).to(dtype)  # (B or 1, out)
+    return output.add_(bias_mix.unsqueeze(1))
 
 
 __all__ = [
