@@ -55,7 +55,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     for batch in args.lowrank_batches:
         x = pixel_values(args.shape, batch).to(device)
-        variants = {STATIC: lambda x=x: static(x)}
+        variants = {STATIC: lambda x=x, static=static: static(x)}
         for rank, model in models.items():
             variants[per_sample_name(rank)] = lambda x=x, model=model: model(x)
 

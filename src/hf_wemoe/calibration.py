@@ -2,9 +2,10 @@
 
 Each task is routed to its own expert (a one-hot routing on expert k gives exactly expert k's MLP). The encoder is
 walked layer by layer over all calibration images at once, so the whole calibration is one forward pass: at every
-MoE layer the router's features of the MLP input are computed (depth 2: token mean of ReLU(hidden(h)) with the
-router's current hidden layer; depth 1: token mean of h), the router's output layer is fitted to one-hot targets by
-ridge regression in closed form, and the MLP then runs with the fitted router to give the next layer its input.
+MoE layer the router's features of the states it reads (the MLP input, or attention's input when the layer routes
+attention projections) are computed (depth 2: token mean of ReLU(hidden(h)) with the router's current hidden
+layer; depth 1: token mean of h), the router's output layer is fitted to one-hot targets by ridge regression in
+closed form, and the layer then runs with the fitted router to give the next layer its input.
 
 A shared router is refitted at every MoE layer on the features of all MoE layers so far: its final fit covers
 every layer, but the inputs of the earlier layers were computed while the earlier fits routed them.
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel, WEMoERouter
+from hf_wemoe.models.modeling_wemoe import WEMoEAttention, WEMoECLIPVisionModel, WEMoERouter
 from hf_wemoe.utils.progress import progress as report_progress
 
 MAX_IMAGES_PER_TASK = 64
@@ -191,20 +192,29 @@ def _walk_and_fit(
     routing: list[torch.Tensor] = []
     layers = report_progress(vision.encoder.layers, "calibrating routers", unit="layer", show=progress)
     for layer in layers:
-        # The layer's forward, split at the MLP input (see WEMoECLIPEncoderLayer.forward).
-        chunks = [
-            chunk + layer.self_attn(hidden_states=layer.layer_norm1(chunk), attention_mask=None)[0]
-            for chunk in chunks
-        ]
+        # A router reads the states entering the layer's first routed module: attention's input when the layer
+        # routes attention projections, else the MLP's (see WEMoECLIPEncoderLayer).
+        routes_attention = isinstance(layer.self_attn, WEMoEAttention)
+        if not routes_attention:
+            # The layer's forward, split at the MLP input.
+            chunks = [
+                chunk + layer.self_attn(hidden_states=layer.layer_norm1(chunk), attention_mask=None)[0]
+                for chunk in chunks
+            ]
         if layer.is_moe:
-            router = shared if shared is not None else layer.mlp.router
-            layer_features = torch.cat([_router_features(router, layer.layer_norm2(c)) for c in chunks])
+            routed = layer.self_attn if routes_attention else layer.mlp
+            norm = layer.layer_norm1 if routes_attention else layer.layer_norm2
+            router = shared if shared is not None else routed.router
+            layer_features = torch.cat([_router_features(router, norm(c)) for c in chunks])
             features.append(layer_features)
             fitted = features if shared is not None else [layer_features]
             _fit_output_layer(router, torch.cat(fitted), targets.repeat(len(fitted), 1), ridge)
             routing.append(router.output(layer_features.to(router.output.weight.dtype)).double().cpu())
-            # The MLP itself routes with the fitted router, one merged MLP per image.
-            chunks = [c + layer.mlp(layer.layer_norm2(c), router=shared, routing="sample")[0] for c in chunks]
+            # The layer itself routes with the fitted router, one merged layer per image.
+            if routes_attention:
+                chunks = [layer(c, router=shared, routing="sample")[0] for c in chunks]
+            else:
+                chunks = [c + layer.mlp(layer.layer_norm2(c), router=shared, routing="sample")[0] for c in chunks]
         else:
             chunks = [c + layer.mlp(layer.layer_norm2(c)) for c in chunks]
     if shared is not None:  # the final shared fit routes every layer's features

@@ -75,14 +75,24 @@ def assert_routes_to_own_expert(routing: dict[str, list[float]]) -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [{"router_depth": 1}, {"router_depth": 2}, {"router_depth": 2, "shared_router": True}]
+    "options",
+    [
+        {"router_depth": 1},
+        {"router_depth": 2},
+        {"router_depth": 2, "shared_router": True},
+        # Routers that read attention's input (routed q/v projections), and low-rank task vectors.
+        {"router_depth": 2, "moe_modules": ["q_proj", "v_proj", "fc1", "fc2"]},
+        {"router_depth": 2, "moe_modules": ["q_proj", "v_proj"], "shared_router": True},
+        {"router_depth": 2, "rank": 4},
+    ],
+    ids=["depth1", "depth2", "shared", "attention+mlp", "attention-shared", "rank4"],
 )
 def test_held_out_images_route_to_their_expert(world, options):
     model = fresh(world, **options)
     before = mean_routing(model, world["tasks"]["test"])
     assert all(abs(w - model.config.scaling) < 0.1 for ws in before.values() for w in ws)  # task arithmetic
     summary = calibrate_routers(model, world["tasks"]["train"], images_per_task=16, progress=False)
-    assert summary.layers == len(model.moe_layers) and summary.images_per_task == dict.fromkeys(TASKS, 16)
+    assert summary.layers == len(model.config.moe_layer_indices) and summary.images_per_task == dict.fromkeys(TASKS, 16)
     assert summary.routing_accuracy == 1.0 and summary.own_weight > OWN_AT_LEAST
     assert_routes_to_own_expert(mean_routing(model, world["tasks"]["test"]))
     assert "route to their task's expert" in summary.line() and summary.to_dict()["tasks"] == list(TASKS)
