@@ -63,7 +63,10 @@ def world(tmp_path_factory):
     """A tiny base saved as a CLIPVisionModel and as a full CLIPModel, and adapters made by PEFT."""
     root = tmp_path_factory.mktemp("adapters")
     base, _ = make_base_and_experts(num_experts=0, seed=0)
-    folders = {"base": write_checkpoint(base, root / "base"), "clip": write_checkpoint(base, root / "clip", "clip")}
+    folders = {
+        "base": write_checkpoint(base, root / "base"),
+        "clip": write_checkpoint(base, root / "clip", "clip"),
+    }
     for seed, (name, (options, _)) in enumerate(VARIANTS.items(), start=1):
         folders[name] = make_adapter(folders["base"], root / name, seed=seed, **options)
     return root, folders
@@ -99,7 +102,9 @@ def test_factors_are_exact_and_carry_the_scaling(world):
     for module, rank, scaling in (("mlp.fc1", 2, 8 / 2), ("self_attn.q_proj", 6, 3 / 6)):
         down, up = source.factors(f"encoder.layers.0.{module}.weight")
         assert down.shape[0] == up.shape[1] == rank
-        expected = scaling * state[f"{prefix}{module}.lora_B.weight"] @ state[f"{prefix}{module}.lora_A.weight"]
+        expected = (
+            scaling * state[f"{prefix}{module}.lora_B.weight"] @ state[f"{prefix}{module}.lora_A.weight"]
+        )
         torch.testing.assert_close(up @ down, expected)
     assert source.factors("encoder.layers.0.self_attn.k_proj.weight") is None
     assert source.delta("encoder.layers.0.layer_norm1.weight") is None
@@ -131,11 +136,17 @@ def test_adapters_saved_on_a_full_clip_or_its_vision_transformer(world, tmp_path
     assert source.ignored_text_modules == 2 and adapted(source) == VARIANTS["q-v"][1]
     assert_merges_like_peft(source, peft_merged(folders["clip"], clip))
     # On the vision transformer of a CLIPModel (FusionBench's adapters on the Hub): no prefix at all.
-    bare = make_adapter(folders["clip"], tmp_path / "bare", seed=12, on="vision_model", r=2, target_modules=QV)
-    assert_merges_like_peft(open_expert(str(bare), base), peft_merged(folders["clip"], bare, on="vision_model"))
+    bare = make_adapter(
+        folders["clip"], tmp_path / "bare", seed=12, on="vision_model", r=2, target_modules=QV
+    )
+    assert_merges_like_peft(
+        open_expert(str(bare), base), peft_merged(folders["clip"], bare, on="vision_model")
+    )
     # A CLIPVisionModel of transformers 4 (`vision_model.` prefix): the same factors read the same way.
     v4 = rename_adapter_keys(
-        Path(shutil.copytree(folders["q-v"], tmp_path / "v4")), "base_model.model.", "base_model.model.vision_model."
+        Path(shutil.copytree(folders["q-v"], tmp_path / "v4")),
+        "base_model.model.",
+        "base_model.model.vision_model.",
     )
     v4_source = open_expert(str(v4), open_source(folders["base"]))
     assert_merges_like_peft(v4_source, peft_merged(folders["base"], folders["q-v"]))
@@ -313,23 +324,35 @@ def test_adapters_for_another_model_are_refused(world, tmp_path):
     wide = write_checkpoint(make_base_and_experts(0, seed=1, hidden_size=48)[0], tmp_path / "wide")
     adapter = make_adapter(wide, tmp_path / "wide-lora", seed=3, r=2, target_modules=QV)
     edit_adapter_config(adapter, base_model_name_or_path=None)
-    with pytest.raises(SourceError, match=r"has LoRA factors of shapes A \(2, 48\), B \(48, 2\) for 'encoder"):
+    with pytest.raises(
+        SourceError, match=r"has LoRA factors of shapes A \(2, 48\), B \(48, 2\) for 'encoder"
+    ):
         open_expert(str(adapter), base)
     # A deeper model: a layer the base does not have.
     deep = write_checkpoint(make_base_and_experts(0, seed=1, num_hidden_layers=4)[0], tmp_path / "deep")
     adapter = make_adapter(deep, tmp_path / "deep-lora", seed=3, r=2, target_modules=["fc1"])
     edit_adapter_config(adapter, base_model_name_or_path=None)
-    with pytest.raises(SourceError, match="adapts 'encoder.layers.3.mlp.fc1', which the base '.*' does not have"):
+    with pytest.raises(
+        SourceError, match="adapts 'encoder.layers.3.mlp.fc1', which the base '.*' does not have"
+    ):
         open_expert(str(adapter), base)
     # LoRA outside the routable linear layers: the patch embedding (a Conv2d PEFT can adapt), the projection.
-    conv = make_adapter(folders["base"], tmp_path / "conv", seed=4, r=2, target_modules=["patch_embedding", "q_proj"])
-    with pytest.raises(SourceError, match="adapts 'embeddings.patch_embedding'; hf-wemoe routes LoRA on the vision"):
+    conv = make_adapter(
+        folders["base"], tmp_path / "conv", seed=4, r=2, target_modules=["patch_embedding", "q_proj"]
+    )
+    with pytest.raises(
+        SourceError, match="adapts 'embeddings.patch_embedding'; hf-wemoe routes LoRA on the vision"
+    ):
         open_expert(str(conv), base)
     clip = open_source(folders["clip"])
-    projection = make_adapter(folders["clip"], tmp_path / "proj", seed=5, r=2, target_modules=["visual_projection"])
+    projection = make_adapter(
+        folders["clip"], tmp_path / "proj", seed=5, r=2, target_modules=["visual_projection"]
+    )
     with pytest.raises(SourceError, match="adapts 'visual_projection'; hf-wemoe routes LoRA on"):
         open_expert(str(projection), clip)
-    text = make_adapter(folders["clip"], tmp_path / "text", seed=6, r=2, target_modules=r"text_model.*\.q_proj")
+    text = make_adapter(
+        folders["clip"], tmp_path / "text", seed=6, r=2, target_modules=r"text_model.*\.q_proj"
+    )
     with pytest.raises(SourceError, match="holds LoRA factors of the text tower only"):
         open_expert(str(text), clip)
 

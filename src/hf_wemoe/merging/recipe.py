@@ -48,6 +48,40 @@ def parse_expert(text: str) -> tuple[str, str]:
     return name.strip(), ref.strip()
 
 
+def experts_from_list(value: Any) -> Any:
+    """Experts given as `NAME=REF` strings (flags, YAML lists) -> a name -> ref mapping; mappings pass through.
+
+    A pydantic `mode="before"` validator of every option that lists experts (merge, analyze).
+    """
+    if isinstance(value, (list, tuple)):
+        experts: dict[str, str] = {}
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError(f"expected NAME=REF strings or a NAME: REF mapping, got {item!r}")
+            try:
+                name, ref = parse_expert(item)
+            except WEMoEError as err:
+                raise ValueError(str(err)) from None
+            if name in experts:
+                raise ValueError(f"expert name '{name}' is given twice; expert names must be unique")
+            experts[name] = ref
+        return experts
+    return value
+
+
+def check_experts(experts: dict[str, str]) -> dict[str, str]:
+    """Expert names that are safe everywhere (folder names, config keys) and non-empty references."""
+    for name, ref in experts.items():
+        if not _EXPERT_NAME.match(name):
+            raise ValueError(
+                f"expert name {name!r} must start with a letter or digit and contain only letters, digits, "
+                "'_', '-' and '.'"
+            )
+        if not ref.strip():
+            raise ValueError(f"expert '{name}' has an empty reference")
+    return experts
+
+
 class MergeRecipe(BaseModel):
     """What a merge computes: sources, method and method options (`merge_config.yaml` holds exactly this).
 
@@ -155,34 +189,12 @@ class MergeRecipe(BaseModel):
     @field_validator("experts", mode="before")
     @classmethod
     def _experts_from_list(cls, value: Any) -> Any:
-        # Flags and YAML files may list experts as NAME=REF strings.
-        if isinstance(value, (list, tuple)):
-            experts: dict[str, str] = {}
-            for item in value:
-                if not isinstance(item, str):
-                    raise ValueError(f"expected NAME=REF strings or a NAME: REF mapping, got {item!r}")
-                try:
-                    name, ref = parse_expert(item)
-                except WEMoEError as err:
-                    raise ValueError(str(err)) from None
-                if name in experts:
-                    raise ValueError(f"expert name '{name}' is given twice; expert names must be unique")
-                experts[name] = ref
-            return experts
-        return value
+        return experts_from_list(value)
 
     @field_validator("experts")
     @classmethod
     def _check_experts(cls, experts: dict[str, str]) -> dict[str, str]:
-        for name, ref in experts.items():
-            if not _EXPERT_NAME.match(name):
-                raise ValueError(
-                    f"expert name {name!r} must start with a letter or digit and contain only letters, digits, "
-                    "'_', '-' and '.'"
-                )
-            if not ref.strip():
-                raise ValueError(f"expert '{name}' has an empty reference")
-        return experts
+        return check_experts(experts)
 
     @field_validator("method")
     @classmethod
@@ -291,4 +303,11 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-__all__ = ["MergeRecipe", "is_method_option", "method_option_help", "parse_expert"]
+__all__ = [
+    "MergeRecipe",
+    "check_experts",
+    "experts_from_list",
+    "is_method_option",
+    "method_option_help",
+    "parse_expert",
+]

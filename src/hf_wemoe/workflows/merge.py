@@ -140,7 +140,7 @@ def run_merge(
     if output is None:
         raise WEMoEError("no output folder: pass --output DIR")
     output = Path(output).expanduser().absolute()
-    _check_output(output, options, overwrite)
+    check_output_beside_sources(output, [options.base, *options.experts.values()], overwrite)
     show_progress = progress_enabled(show_progress)
     if calibration is not None:
         _check_calibration(options, calibration)
@@ -234,11 +234,11 @@ def _check_calibration(options: MergeRecipe, calibration: CalibrationRequest) ->
     )
 
 
-def _check_output(output: Path, options: MergeRecipe, overwrite: bool) -> None:
+def check_output_beside_sources(output: Path, refs: Iterable[str], overwrite: bool) -> None:
     """Refuse an existing output without overwrite, a file in the way, a place where nothing can be written, or an
-    output that holds a source."""
+    output that holds one of the source references `refs` (it would be replaced)."""
     check_output_dir(output, overwrite)
-    for ref in [options.base, *options.experts.values()]:
+    for ref in refs:
         try:
             parsed = parse_reference(ref)
         except WEMoEError:
@@ -249,4 +249,10 @@ def _check_output(output: Path, options: MergeRecipe, overwrite: bool) -> None:
             )
 
 
-__all__ = ["MergeSummary", "check_compatible", "merge_progress", "run_merge"]
+__all__ = [
+    "MergeSummary",
+    "check_compatible",
+    "check_output_beside_sources",
+    "merge_progress",
+    "run_merge",
+]
