@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hf_wemoe.errors import WEMoEError
+from hf_wemoe.io.adapters import LORA_MODULES
 from hf_wemoe.merging.base import MergeMethod
 from hf_wemoe.merging.registry import get_method, merge_methods
 
@@ -33,6 +34,12 @@ from hf_wemoe.utils.config_files import (
 from hf_wemoe.utils.formatting import parse_size
 
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+# Routed linear layers: the names the model config accepts, in its canonical order, and the default.
+ROUTABLE_MODULES = LORA_MODULES
+DEFAULT_ROUTED = ("fc1", "fc2")
+# Options recorded in merge_config.yaml only when they differ from these values.
+_RECORDED_WHEN_SET: dict[str, Any] = {"rank": None, "moe_modules": list(DEFAULT_ROUTED)}
+
 
 def _method_option(**extra: Any) -> dict[str, Any]:
     return {"method_option": True, **extra}
@@ -87,7 +94,8 @@ class MergeRecipe(BaseModel):
 
     Method options (marked in their field metadata) apply only to the methods that declare them; giving one to
     another method is an error. `sparsity` and `shared_router` default to `None`, meaning the method's own
-    default (E-WEMoE: 0.9 and true).
+    default (E-WEMoE: 0.9 and true; with a `rank`, sparsity 0). `rank` (low-rank task vectors) and `moe_modules`
+    (which linear layers are routed, default fc1 and fc2) are written to `merge_config.yaml` only when set.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -106,7 +114,8 @@ class MergeRecipe(BaseModel):
     )
     experts: dict[str, str] = Field(
         default_factory=dict,
-        description="a fine-tuned expert as NAME=REF (REF as for --base); repeat once per expert, in routing "
+        description="an expert as NAME=REF (REF as for --base): a fine-tuned CLIP vision model, or a PEFT LoRA "
+        "adapter of the base (a folder or repo with adapter_config.json); repeat once per expert, in routing "
         "order. Given on the command line, these replace the experts of --config",
         json_schema_extra={"flag": "--expert", "metavar": "NAME=REF", "required": True},
     )
@@ -141,6 +150,26 @@ class MergeRecipe(BaseModel):
         description="sample: every input gets its own merged MLP; batch: routing weights are averaged over "
         "the batch",
         json_schema_extra=_method_option(),
+    )
+    rank: int | None = Field(
+        default=None,
+        ge=1,
+        description="store every routed task vector as its best rank-R factors (truncated SVD), applied as two "
+        "GEMMs per routed layer without merging weights per input; at most the smaller side of every routed "
+        "weight, not with --sparsity (e-wemoe then keeps its shared router and stores no sparse task vectors). "
+        "PEFT LoRA experts are stored exactly, as their own factors: a merge with LoRA experts is always low-rank, "
+        "with stored rank max(R, the LoRA ranks), and R applies to the full fine-tunes among the experts",
+        json_schema_extra=_method_option(
+            metavar="R",
+            default_text="full rank; with LoRA experts, the largest LoRA rank",
+        ),
+    )
+    moe_modules: list[str] | None = Field(
+        default=None,
+        description="the linear layers of every encoder layer that are routed, comma-separated, out of "
+        f"{','.join(ROUTABLE_MODULES)}; the others get task arithmetic. Route the modules your LoRA experts "
+        "adapt (e.g. q_proj,v_proj): see `hf-wemoe analyze`",
+        json_schema_extra=_method_option(metavar="M1,M2", default_text=",".join(DEFAULT_ROUTED)),
     )
     task_vector_dtype: TaskVectorDtype = Field(
         default="float32",
@@ -195,6 +224,11 @@ class MergeRecipe(BaseModel):
     @classmethod
     def _check_experts(cls, experts: dict[str, str]) -> dict[str, str]:
         return check_experts(experts)
+
+    @field_validator("moe_modules", mode="before")
+    @classmethod
+    def _check_moe_modules(cls, value: Any) -> Any:
+        return None if value is None else parse_moe_modules(value)
 
     @field_validator("method")
     @classmethod
@@ -251,7 +285,14 @@ class MergeRecipe(BaseModel):
                 f"{', '.join(flag_of(MergeRecipe, name) for name in sorted(given))} {verb} not apply to --method "
                 f"{self.method} (its options: {uses})"
             )
+        if self.rank is not None and self.sparsity:
+            raise WEMoEError(
+                f"--rank {self.rank} and --sparsity {self.sparsity} are two ways to store task vectors compactly "
+                "(low-rank factors, or sparse entries); give one of them"
+            )
         updates = {name: value for name, value in method.defaults.items() if getattr(self, name) is None}
+        if self.rank is not None and self.sparsity is None and "sparsity" in method.parameters:
+            updates["sparsity"] = 0.0  # low-rank task vectors replace the method's sparse ones
         return self.model_copy(update=updates)
 
     def to_yaml_dict(self, base: str | None = None, experts: dict[str, str] | None = None) -> dict[str, Any]:
@@ -267,13 +308,38 @@ class MergeRecipe(BaseModel):
             "method": self.method,
         }
         for name in self.method_class.parameters:
-            recipe[name] = getattr(self, name)
+            value = getattr(self, name)
+            # Options added after 0.2 appear only when they change the merge, so earlier recipes stay as written.
+            if name in _RECORDED_WHEN_SET and value in (None, _RECORDED_WHEN_SET[name]):
+                continue
+            recipe[name] = value
         recipe["max_shard_size"] = self.max_shard_size
         if self.allow_pickle:
             recipe["allow_pickle"] = True
         if self.full_clip:
             recipe["full_clip"] = True
         return recipe
+
+
+def parse_moe_modules(value: Any) -> list[str]:
+    """`"q_proj,v_proj"`, `["q_proj", "v_proj"]` or repeated flags (`["q_proj,v_proj", "fc1"]`) -> the module
+    names in canonical order (attention projections, then the MLP); raises `ValueError` for unknown or repeated
+    names or none at all."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"expected module names separated by commas (e.g. q_proj,v_proj), got {value!r}")
+    names = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    if not names:
+        raise ValueError(f"name at least one module out of {','.join(ROUTABLE_MODULES)}")
+    unknown = [name for name in names if name not in ROUTABLE_MODULES]
+    if unknown:
+        raise ValueError(
+            f"unknown module '{unknown[0]}'; routable modules are {','.join(ROUTABLE_MODULES)} (e.g. q_proj,v_proj)"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"module '{repeated[0]}' is named twice")
+    return [name for name in ROUTABLE_MODULES if name in names]
 
 
 def is_method_option(name: str) -> bool:
@@ -292,6 +358,9 @@ def method_option_help(name: str) -> tuple[str, str | None]:
         return "", None
     users = [m for m in merge_methods().values() if name in m.parameters]
     note = f" [{', '.join(m.name for m in users)}]"
+    extra = MergeRecipe.model_fields[name].json_schema_extra
+    if isinstance(extra, dict) and extra.get("default_text"):
+        return note, str(extra["default_text"])
     if MergeRecipe.model_fields[name].default is None:
         return note, ", ".join(f"{_format(m.defaults.get(name))} for {m.name}" for m in users)
     return note, None
@@ -310,4 +379,5 @@ __all__ = [
     "is_method_option",
     "method_option_help",
     "parse_expert",
+    "parse_moe_modules",
 ]

@@ -152,7 +152,17 @@ class WEMoE(MergeMethod):
 
     name = "wemoe"
     summary = "weight-ensembling mixture of experts: routed MLPs, task arithmetic elsewhere"
-    parameters = ("scaling", "router_depth", "sparsity", "shared_router", "routing", "task_vector_dtype", "seed")
+    parameters = (
+        "scaling",
+        "router_depth",
+        "sparsity",
+        "rank",
+        "moe_modules",
+        "shared_router",
+        "routing",
+        "task_vector_dtype",
+        "seed",
+    )
     defaults: ClassVar[dict] = {"sparsity": 0.0, "shared_router": False}
     card_template = "wemoe.md"
     tags = ("wemoe", "mixture-of-experts")
