@@ -1,13 +1,14 @@
-"""The WEMoE and E-WEMoE merge methods: task arithmetic outside the MLPs, weight-ensembling MoE MLPs.
+"""The WEMoE and E-WEMoE merge methods: task arithmetic outside the routed layers, weight-ensembling MoE layers.
 
 The core, `upscale_tensors`, reads one tensor of each model at a time from any mapping-like source, so the same
-code serves the in-memory `build_wemoe` and the streaming `hf-wemoe merge`.
+code serves the in-memory `build_wemoe` and the streaming `hf-wemoe merge`. Which linear layers are routed is the
+config's `moe_modules` (the MLPs by default); with a `rank`, routed task-vector weights become low-rank factors.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,20 +20,45 @@ from hf_wemoe.io.sources import CONFIG_METADATA_FIELDS
 from hf_wemoe.io.weights import check_finite
 from hf_wemoe.merging.base import OVERFLOW_HINT, MergeJob, MergeMethod
 from hf_wemoe.merging.static import task_arithmetic, task_vectors
-from hf_wemoe.models.configuration_wemoe import DEPRECATED_FIELD_NAMES, WEMoECLIPVisionConfig
+from hf_wemoe.models.configuration_wemoe import (
+    ATTENTION_MODULES,
+    DEPRECATED_FIELD_NAMES,
+    MLP_MODULES,
+    MOE_MODULES,
+    WEMoECLIPVisionConfig,
+)
 from hf_wemoe.models.modeling_wemoe import WEMoECLIPVisionModel
+from hf_wemoe.models.wemoe_ops import low_rank_factors, pad_factors
 from hf_wemoe.utils.formatting import parse_size
 
 # A tensor getter: the CLIPVisionModel key (transformers 5 layout, no `vision_model.` prefix) -> tensor.
 TensorGetter = Callable[[str], torch.Tensor]
 
-_MLP_KEY = re.compile(r"^encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(weight|bias)$")
+# Exact factors of one expert's task vector for a weight key: key -> (A (r, in), B (out, r)) with
+# theta_k - theta_0 = B @ A, or None when the expert has no factors for that key (its getter is read instead).
+FactorGetter = Callable[[str], tuple[torch.Tensor, torch.Tensor] | None]
+
+_LINEAR_KEY = re.compile(
+    rf"^encoder\.layers\.(\d+)\.(self_attn|mlp)\.({'|'.join(MOE_MODULES)})\.(weight|bias)$"
+)
+
+
+def routed_tensor(key: str, moe_modules: Iterable[str] = MLP_MODULES) -> tuple[int, str, str] | None:
+    """`(layer index, "self_attn" | "mlp", "q_proj_weight" | ... | "fc2_bias")` for a tensor key of an encoder
+    linear layer named in `moe_modules`, else None. Says nothing about which layers are MoE layers."""
+    match = _LINEAR_KEY.match(key)
+    if match is None or match.group(3) not in set(moe_modules):
+        return None
+    parent = "self_attn" if match.group(3) in ATTENTION_MODULES else "mlp"
+    if match.group(2) != parent:
+        return None
+    return int(match.group(1)), parent, f"{match.group(3)}_{match.group(4)}"
 
 
 def is_mlp_tensor(key: str) -> tuple[int, str] | None:
     """`(layer index, "fc1_weight" | ...)` for an encoder MLP tensor key, else None."""
-    match = _MLP_KEY.match(key)
-    return (int(match.group(1)), f"{match.group(2)}_{match.group(3)}") if match else None
+    routed = routed_tensor(key, MLP_MODULES)
+    return (routed[0], routed[2]) if routed else None
 
 
 def wemoe_config(base_config: CLIPVisionConfig, expert_names: list[str], **options) -> WEMoECLIPVisionConfig:
@@ -59,48 +85,124 @@ def wemoe_config(base_config: CLIPVisionConfig, expert_names: list[str], **optio
         raise WEMoEError(str(err)) from err
 
 
+def _expert_factors(
+    name: str, key: str, theta0: torch.Tensor, hook: FactorGetter | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The exact factors expert `name`'s hook gives for weight `key` (float32), checked against the base's shape."""
+    factors = hook(key) if hook is not None and theta0.dim() == 2 else None
+    if factors is None:
+        return None
+    a, b = (factor.float() for factor in factors)
+    out_features, in_features = theta0.shape
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features or (
+        a.shape[0] != b.shape[1]
+    ):
+        raise IncompatibleModelsError(
+            f"expert '{name}' gives factors of shapes {tuple(a.shape)} and {tuple(b.shape)} for '{key}', whose "
+            f"shape is {tuple(theta0.shape)}; expected A (r, {in_features}) and B ({out_features}, r)"
+        )
+    return a, b
+
+
 def upscale_tensors(
     config: WEMoECLIPVisionConfig,
     keys: list[str],
     base: TensorGetter,
     experts: Mapping[str, TensorGetter],
+    expert_factors: Mapping[str, FactorGetter] | None = None,
+    energies: dict[str, list[float]] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(WEMoE key, tensor)` pairs for every base tensor `key`, reading one tensor per model at a time.
 
-    Outside the MoE MLPs: theta0 + lambda * sum_k (theta_k - theta0). In an MoE layer's MLP: the pretrained
-    tensor under its own key, and the stacked expert task vectors (float32 (K, *shape)) under
-    `encoder.layers.{i}.mlp.task_vectors.{fc1_weight,...}`; the model stores them in its configured dtype and
-    sparsity. Routers are not yielded: they are initialised by the model.
+    Outside the routed layers: theta0 + lambda * sum_k (theta_k - theta0). In an MoE layer's routed layers (the
+    config's `moe_modules`): the pretrained tensor under its own key, and the expert task vectors under
+    `encoder.layers.{i}.{mlp|self_attn}.task_vectors.{module}_{weight|bias}`, stacked as float32 (K, *shape); the
+    model stores them in its configured dtype and sparsity. With a `rank` R, routed weights yield their factors
+    instead: `..._weight_A` (K, R, in) and `..._weight_B` (K, out, R), tau_k ~ B_k @ A_k (`low_rank_factors`,
+    one truncated SVD per expert). Routers are not yielded: they are initialised by the model.
+
+    Args:
+        expert_factors: expert name -> a hook giving, for a weight key, exact factors `(A (r, in), B (out, r))`
+            of that expert's task vector (theta_k - theta0 = B @ A), or None to read the expert's tensor with its
+            getter. Routed weights in low-rank mode store hook factors as they are (zero-padded to R, no SVD);
+            everywhere else the hook's task vector B @ A is used like a read one.
+        energies: filled, in low-rank mode, with `{key: [kept energy per expert]}` for every routed weight: the
+            share of the task vector's squared norm its factors keep (1.0 for a hook's exact factors).
+
+    Raises:
+        IncompatibleModelsError: an expert's tensor (or factors) does not fit the base's shape (names it).
+        WEMoEError: an expert's factors have a larger rank than the config's `rank`.
     """
     moe_layers = set(config.moe_layer_indices)
     scale = float(config.scaling)
+    hooks = expert_factors or {}
     for key in keys:
         theta0 = base(key)
-        thetas = []
+        routed = routed_tensor(key, config.moe_modules)
+        routed = routed if routed is not None and routed[0] in moe_layers else None
+        # Per expert: its exact factors (from its hook) or its tensor (from its getter).
+        sources: list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = []
         for name, expert in experts.items():
+            factors = _expert_factors(name, key, theta0, hooks.get(name))
+            if factors is not None:
+                sources.append(factors)
+                continue
             theta = expert(key)
             if theta.shape != theta0.shape:
                 raise IncompatibleModelsError(
                     f"expert '{name}' tensor '{key}' has shape {tuple(theta.shape)}, the base has "
                     f"{tuple(theta0.shape)}; experts must be fine-tuned from the same architecture as the base"
                 )
-            thetas.append(theta)
-        mlp = is_mlp_tensor(key)
-        if mlp is not None and mlp[0] in moe_layers:
-            yield key, theta0
-            yield f"encoder.layers.{mlp[0]}.mlp.task_vectors.{mlp[1]}", task_vectors(theta0, thetas)
-        else:
+            sources.append(theta)
+        if routed is None:
+            thetas = [_as_tensor(theta0, source) for source in sources]
             merged = task_arithmetic(theta0, thetas, scale).to(theta0.dtype)
             check_finite(merged, f"the merged tensor '{key}'", OVERFLOW_HINT)
             yield key, merged
+            continue
+        index, parent, name = routed
+        stored = f"encoder.layers.{index}.{parent}.task_vectors.{name}"
+        yield key, theta0
+        if config.rank is None or theta0.dim() != 2:
+            taus = [_as_tensor(theta0, source) for source in sources]
+            yield stored, task_vectors(theta0, taus)
+            continue
+        a_stack, b_stack, kept = [], [], []
+        for expert_name, source in zip(experts, sources):
+            if isinstance(source, tuple):
+                try:
+                    a, b = pad_factors(*source, config.rank)
+                except ValueError as err:
+                    raise WEMoEError(f"expert '{expert_name}' tensor '{key}': {err}") from err
+                energy = 1.0
+            else:
+                a, b, energy = low_rank_factors(source.float() - theta0.float(), config.rank)
+            a_stack.append(a)
+            b_stack.append(b)
+            kept.append(energy)
+        if energies is not None:
+            energies[key] = kept
+        yield f"{stored}_A", torch.stack(a_stack)
+        yield f"{stored}_B", torch.stack(b_stack)
+
+
+def _as_tensor(theta0: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """An expert's tensor: read, or rebuilt (float32) from the base and its exact factors."""
+    if isinstance(source, tuple):
+        a, b = source
+        return theta0.float() + b @ a
+    return source
 
 
 def load_upscaled_tensor(model: WEMoECLIPVisionModel, key: str, tensor: torch.Tensor) -> None:
-    """Copy one tensor produced by `upscale_tensors` into `model`."""
-    if ".mlp.task_vectors." in key:
+    """Copy one tensor produced by `upscale_tensors` into `model` (task vectors in the model's storage mode)."""
+    if ".task_vectors." in key:
         module_path, name = key.rsplit(".", 1)
-        model.get_submodule(module_path).set(name, tensor)
-        return
+        task_vectors = model.get_submodule(module_path)
+        if name in task_vectors.shapes:
+            task_vectors.set(name, tensor)
+            return
+        # Low-rank factors (`..._weight_A`, `..._weight_B`) are stored as they are: copied below.
     target = model.get_parameter(key) if key in dict(model.named_parameters()) else model.get_buffer(key)
     with torch.no_grad():
         target.copy_(tensor)
@@ -119,7 +221,8 @@ def build_wemoe(
         experts: expert name -> `CLIPVisionModel` fine-tuned from `base`.
         seed: seed of the router initialisation (the only random part), for reproducible builds.
         **options: WEMoE config fields, e.g. `scaling=0.3`, `router_depth=2`, `shared_router=True`,
-            `sparsity=0.9`, `task_vector_dtype="bfloat16"`, `routing="batch"`, `moe_layers=[...]`.
+            `sparsity=0.9`, `task_vector_dtype="bfloat16"`, `routing="batch"`, `moe_layers=[...]`,
+            `moe_modules=["q_proj", "v_proj", "fc1", "fc2"]`, `rank=16`.
 
     Raises:
         WEMoEError: no experts, or invalid options.

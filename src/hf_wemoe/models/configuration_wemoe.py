@@ -17,14 +17,28 @@ from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 RouterDepth = Literal[0, 1, 2]
 RoutingMode = Literal["sample", "batch"]
 TaskVectorDtype = Literal["float32", "bfloat16", "float16"]
+# The linear layers of a CLIP encoder layer that can be routed, in canonical order: the attention projections
+# (`self_attn.*`), then the MLP (`mlp.*`).
+MoEModule = Literal["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 ROUTER_DEPTHS: tuple[int, ...] = get_args(RouterDepth)
 ROUTING_MODES: tuple[str, ...] = get_args(RoutingMode)
 TASK_VECTOR_DTYPES: tuple[str, ...] = get_args(TaskVectorDtype)
+MOE_MODULES: tuple[str, ...] = get_args(MoEModule)
+ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+MLP_MODULES: tuple[str, ...] = ("fc1", "fc2")
+DEFAULT_MOE_MODULES: tuple[str, ...] = MLP_MODULES
 
 
 # Fields renamed so that a setting has one name in the config, the merge recipe and the command line. Configs that
 # use the old names (every config.json saved by hf-wemoe 0.1) still load, with a FutureWarning.
 DEPRECATED_FIELD_NAMES = {"init_lambda": "scaling", "task_vector_sparsity": "sparsity"}
+
+
+def linear_shapes(config: CLIPVisionConfig) -> dict[str, tuple[int, int]]:
+    """The weight shape (out_features, in_features) of every routable linear layer of an encoder layer."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    shapes = {name: (hidden, hidden) for name in ATTENTION_MODULES}
+    return {**shapes, "fc1": (intermediate, hidden), "fc2": (hidden, intermediate)}
 
 
 def check_routing(routing: object) -> None:
@@ -67,6 +81,19 @@ class WEMoECLIPVisionConfig(CLIPVisionConfig):
         moe_layers (`list[int]`, *optional*):
             Indices of the encoder layers whose MLP is a WEMoE module; `None` means every layer. The other layers
             hold a task-arithmetic MLP.
+        moe_modules (`list[str]`, defaults to `["fc1", "fc2"]`):
+            The linear layers of every MoE layer that are routed (W0 + sum_k r_k tau_k per input), out of `q_proj`,
+            `k_proj`, `v_proj`, `out_proj` (attention) and `fc1`, `fc2` (MLP); stored in that order. Every other
+            linear layer holds task-arithmetic weights. One routing vector per input and layer serves all routed
+            modules of the layer. When an attention projection is routed, the router reads the states entering
+            attention (after `layer_norm1`) and lives at `encoder.layers.{i}.self_attn.router`; otherwise it
+            reads the MLP's input (after `layer_norm2`) and lives at `encoder.layers.{i}.mlp.router`. A
+            `shared_router` is fed the same states.
+        rank (`int`, *optional*):
+            Store every routed task-vector weight as its best rank-`rank` factors `B_k A_k` (truncated SVD; `B`
+            carries the singular values), which the forward applies as two GEMMs without merging weights per
+            input. Biases stay dense. `None` (the default) stores them at full rank, densely or sparsely (see
+            `sparsity`). Cannot be combined with `sparsity`; at most min(out, in) of every routed weight.
         base_model_ref (`str`, *optional*):
             Reference (Hub id or path) of the pretrained model the experts were fine-tuned from.
         expert_refs (`list[str]`, *optional*):
@@ -86,6 +113,8 @@ class WEMoECLIPVisionConfig(CLIPVisionConfig):
     task_vector_dtype: str = "float32"
     routing: str = "sample"
     moe_layers: list[int] | None = None
+    moe_modules: list[str] = field(default_factory=lambda: list(DEFAULT_MOE_MODULES))
+    rank: int | None = None
     base_model_ref: str | None = None
     expert_refs: list[str] | None = None
     provenance: dict | None = None
@@ -100,7 +129,11 @@ class WEMoECLIPVisionConfig(CLIPVisionConfig):
             self.moe_layers = sorted({int(i) for i in self.moe_layers})
         if self.router_hidden_size is None:
             self.router_hidden_size = self.hidden_size
+        if isinstance(self.moe_modules, tuple):
+            self.moe_modules = list(self.moe_modules)
         self.validate_wemoe()
+        # Canonical order, so that equal sets of modules give equal configs (and key layouts).
+        self.moe_modules = [name for name in MOE_MODULES if name in self.moe_modules]
 
     def _set_from_deprecated_name(self, old: str, new: str, value: object) -> None:
         warnings.warn(
@@ -142,6 +175,11 @@ class WEMoECLIPVisionConfig(CLIPVisionConfig):
         return len(self.expert_names)
 
     @property
+    def routes_attention(self) -> bool:
+        """Whether an attention projection is routed (then the router reads the states entering attention)."""
+        return any(name in ATTENTION_MODULES for name in self.moe_modules)
+
+    @property
     def moe_layer_indices(self) -> list[int]:
         """The encoder layers that hold a WEMoE MLP, in order."""
         if self.moe_layers is None:
@@ -178,10 +216,42 @@ class WEMoECLIPVisionConfig(CLIPVisionConfig):
                 raise ValueError(
                     f"moe_layers must be layer indices in [0, {self.num_hidden_layers - 1}] or null, got {bad}"
                 )
+        self._validate_moe_modules()
+        self._validate_rank()
         if self.expert_refs is not None and len(self.expert_refs) != len(self.expert_names):
             raise ValueError(
                 f"expert_refs must have one entry per expert ({len(self.expert_names)}), got {len(self.expert_refs)}"
             )
+
+
+    def _validate_moe_modules(self) -> None:
+        modules = self.moe_modules
+        if not isinstance(modules, list) or not modules:
+            raise ValueError(f"moe_modules must be a non-empty list of {list(MOE_MODULES)}, got {modules!r}")
+        unknown = [name for name in modules if name not in MOE_MODULES]
+        if unknown:
+            raise ValueError(f"moe_modules must name modules out of {list(MOE_MODULES)}, got unknown {unknown}")
+        if len(set(modules)) != len(modules):
+            raise ValueError(f"moe_modules must name each module once, got {modules}")
+
+    def _validate_rank(self) -> None:
+        rank = self.rank
+        if rank is None:
+            return
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"rank must be a positive integer or null (full rank), got {rank!r}")
+        if self.sparsity > 0:
+            raise ValueError(
+                f"rank and sparsity are two storage modes; use one (got rank={rank}, sparsity={self.sparsity})"
+            )
+        shapes = linear_shapes(self)
+        for name in self.moe_modules:
+            limit = min(shapes[name])
+            if rank > limit:
+                raise ValueError(
+                    f"rank must be at most min(out, in) = {limit} of routed module {name} "
+                    f"{shapes[name]}, got {rank}"
+                )
 
 
 class WEMoECLIPConfig(CLIPConfig):
@@ -199,8 +269,13 @@ class WEMoECLIPConfig(CLIPConfig):
 
 
 __all__ = [
+    "ATTENTION_MODULES",
+    "DEFAULT_MOE_MODULES",
     "DEPRECATED_FIELD_NAMES",
+    "MLP_MODULES",
+    "MOE_MODULES",
     "ROUTER_DEPTHS",
+    "MoEModule",
     "ROUTING_MODES",
     "TASK_VECTOR_DTYPES",
     "RouterDepth",
@@ -209,4 +284,5 @@ __all__ = [
     "WEMoECLIPConfig",
     "WEMoECLIPVisionConfig",
     "check_routing",
+    "linear_shapes",
 ]

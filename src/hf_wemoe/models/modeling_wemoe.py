@@ -4,14 +4,23 @@ Every MoE MLP holds the pretrained MLP (W0), the task vectors of K fine-tuned ex
 fc1/fc2 weights and biases) and a router. For each input the router reads the MLP's input tokens, averages its
 outputs over the tokens and gives K routing weights r; the MLP then runs with W = W0 + sum_k r_k tau_k.
 
+Which linear layers are routed is the config's `moe_modules` (by default the MLP's `fc1` and `fc2`; the attention
+projections `q_proj`, `k_proj`, `v_proj`, `out_proj` can be routed too). Each MoE layer computes one routing vector
+per input, shared by all its routed modules: when an attention projection is routed, the router reads the states
+entering attention (after `layer_norm1`) and lives in the attention module (`self_attn.router`), otherwise it reads
+the MLP's input and lives in the MLP (`mlp.router`); a shared router (`encoder.router`) is fed the same states.
+Task vectors are stored densely, sparsely (`sparsity`) or as low-rank factors (`rank`, applied without merging
+weights per input).
+
 This file is copied into every saved model folder and Hub repository, so it imports only the standard library,
-torch, transformers and its siblings `configuration_wemoe.py` and `wemoe_ops.py` (the sparse storage codec and the
-autograd kernels that merge weights per sample).
+torch, transformers and its siblings `configuration_wemoe.py` and `wemoe_ops.py` (the sparse storage codec, the
+low-rank factorisation and the autograd kernels that merge weights per sample).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,21 +30,33 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPVisionEmbeddings
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip.modeling_clip import (
+    CLIPMLP,
+    CLIPAttention,
+    CLIPVisionEmbeddings,
+    eager_attention_forward,
+)
 from transformers.utils import ModelOutput
 
-from .configuration_wemoe import WEMoECLIPVisionConfig, check_routing
+from .configuration_wemoe import (
+    ATTENTION_MODULES,
+    MLP_MODULES,
+    WEMoECLIPVisionConfig,
+    check_routing,
+    linear_shapes,
+)
 from .wemoe_ops import (
     MergedWeight,
     PerSampleLinear,
     decode_sparse_indices,
     encode_sparse_indices,
+    low_rank_factors,
+    low_rank_linear,
     num_kept_entries,
+    pad_factors,
     sparsify_task_vector,
 )
-
-# Names of the four MLP tensors that carry task vectors, and the nn.Linear they belong to.
-MLP_TENSORS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
 
 @dataclass
@@ -72,11 +93,6 @@ def _routing_for_layer(force_routing: torch.Tensor, position: int) -> torch.Tens
     return force_routing if force_routing.dim() == 1 else force_routing[position]
 
 
-def _is_layer_moe(model: WEMoECLIPVisionModel, key: str) -> bool:
-    index = int(key.split(".")[2])
-    return model.encoder.layers[index].is_moe
-
-
 def _static_config(config: WEMoECLIPVisionConfig) -> CLIPVisionConfig:
     """The plain CLIP vision config of a WEMoE config (its architecture fields only)."""
     fields = CLIPVisionConfig().to_dict()
@@ -87,7 +103,7 @@ def _static_config(config: WEMoECLIPVisionConfig) -> CLIPVisionConfig:
 
 
 class WEMoERouter(nn.Module):
-    """Maps the token states entering an MLP to K routing weights per sample.
+    """Maps the token states entering an MoE layer's routed modules to K routing weights per sample.
 
     Depth 2: `W2 ReLU(W1 h + b1) + b2`; depth 1: `W h + b`; depth 0: a learned vector `b` that ignores the
     input. Outputs are averaged over the tokens of each sample and used raw (no softmax).
@@ -124,9 +140,13 @@ def _version(tensor: torch.Tensor) -> int:
 
 
 class WEMoETaskVectors(nn.Module):
-    """The K task vectors of one MLP, stored densely or sparsely.
+    """The K task vectors of the routed linear layers of one module (an MLP or an attention), stored densely,
+    sparsely or as low-rank factors.
 
-    Dense: one buffer `{name}` (K, *shape) per tensor. Sparse (`sparsity > 0`), with nnz =
+    Tensors are named `{module}_weight` and `{module}_bias` for every routed module (`fc1_weight`, `q_proj_bias`,
+    ...). Dense: one buffer `{name}` (K, *shape) per tensor. Low-rank (`rank` R set): every weight is stored as
+    `{name}_A` (K, R, in) and `{name}_B` (K, out, R) with tau_k ~ B_k @ A_k (B carries the singular values, A's
+    rows are orthonormal or zero); biases stay dense. Sparse (`sparsity > 0`), with nnz =
     `num_kept_entries(numel, sparsity)` kept entries per expert at increasing flat positions p (row-major over
     `shape`), and blocks of `SPARSE_BLOCK_SIZE` = 65536 positions:
 
@@ -141,21 +161,27 @@ class WEMoETaskVectors(nn.Module):
     `from_pretrained` loads the layout. The dense tensors are expanded once and cached (`dense`).
     """
 
-    def __init__(self, config: WEMoECLIPVisionConfig):
+    def __init__(self, config: WEMoECLIPVisionConfig, modules: Sequence[str] = MLP_MODULES):
         super().__init__()
-        self.shapes = {
-            "fc1_weight": (config.intermediate_size, config.hidden_size),
-            "fc1_bias": (config.intermediate_size,),
-            "fc2_weight": (config.hidden_size, config.intermediate_size),
-            "fc2_bias": (config.hidden_size,),
-        }
+        linears = linear_shapes(config)
+        # The routed linear layers, and the shape of every tensor (name -> shape) whose task vectors are stored.
+        self.module_names = tuple(modules)
+        self.shapes = {}
+        for module in self.module_names:
+            self.shapes[f"{module}_weight"] = linears[module]
+            self.shapes[f"{module}_bias"] = linears[module][:1]
         self.sparsity = float(config.sparsity)
+        self.rank = config.rank
         # The state-dict prefix of this module, set by the model, to name tensors in errors.
         self.key_prefix = "task_vectors."
         dtype = getattr(torch, config.task_vector_dtype)
         num_experts = config.num_experts
         for name, shape in self.shapes.items():
-            if self.is_sparse:
+            if self.is_low_rank and len(shape) == 2:
+                out_features, in_features = shape
+                self.register_buffer(f"{name}_A", torch.zeros(num_experts, self.rank, in_features, dtype=dtype))
+                self.register_buffer(f"{name}_B", torch.zeros(num_experts, out_features, self.rank, dtype=dtype))
+            elif self.is_sparse:
                 numel = math.prod(shape)
                 kept = num_kept_entries(numel, self.sparsity)
                 # A valid placeholder until a checkpoint or `set` fills it: the first `kept` positions, all zero.
@@ -185,8 +211,24 @@ class WEMoETaskVectors(nn.Module):
         """True when the task vectors are stored as indices and values."""
         return self.sparsity > 0
 
+    @property
+    def is_low_rank(self) -> bool:
+        """True when the task-vector weights are stored as low-rank factors (biases stay dense)."""
+        return self.rank is not None
+
+    def is_factorised(self, name: str) -> bool:
+        """Whether tensor `name` is stored as low-rank factors `{name}_A`, `{name}_B`."""
+        return self.is_low_rank and len(self.shapes[name]) == 2
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored factors `(A (K, R, in), B (K, out, R))` of weight `name` (low-rank storage only)."""
+        return getattr(self, f"{name}_A"), getattr(self, f"{name}_B")
+
     def dense(self, name: str) -> torch.Tensor:
         """The task vectors of tensor `name` as a dense (K, *shape) tensor in the storage dtype.
+
+        Low-rank weights are the products B_k @ A_k, computed (not cached) in at least float32 and returned in
+        that dtype: rounding them to a 16-bit storage dtype would add an error the stored factors do not have.
 
         Sparse storage is expanded once and cached until the stored positions or values change (a load, a move
         to another device). Stored positions are checked once: when a checkpoint is loaded (`check_positions`),
@@ -197,6 +239,10 @@ class WEMoETaskVectors(nn.Module):
             ValueError: the stored positions are corrupted (block counts that do not sum to the number of kept
                 entries, or positions that are not increasing inside the tensor); names the tensor.
         """
+        if self.is_factorised(name):
+            a, b = self.factors(name)
+            dtype = torch.promote_types(a.dtype, torch.float32)
+            return torch.bmm(b.to(dtype), a.to(dtype))
         if not self.is_sparse:
             return getattr(self, name)
         cached = self._dense_cache.get(name)
@@ -280,10 +326,28 @@ class WEMoETaskVectors(nn.Module):
         self._dense_cache.clear()
         self.check_positions()
 
-    def set(self, name: str, task_vectors: torch.Tensor) -> None:
-        """Store the stacked (K, *shape) task vectors of tensor `name`, sparsifying them when configured."""
+    def set(self, name: str, task_vectors: torch.Tensor) -> list[float] | None:
+        """Store the stacked (K, *shape) task vectors of tensor `name`, sparsifying or factorising them when
+        configured.
+
+        Returns, for a low-rank weight, the kept energy of every expert's factors (see `low_rank_factors`), else
+        None.
+
+        Raises:
+            ValueError: `name` is not one of the stored tensors (names them).
+        """
+        self._check_name(name)
+        energies = None
         with torch.no_grad():
-            if self.is_sparse:
+            if self.is_factorised(name):
+                a_stack, b_stack = self.factors(name)
+                energies = []
+                for k, tensor in enumerate(task_vectors):
+                    a, b, energy = low_rank_factors(tensor, self.rank)
+                    a_stack[k].copy_(a)
+                    b_stack[k].copy_(b)
+                    energies.append(energy)
+            elif self.is_sparse:
                 for k, tensor in enumerate(task_vectors):
                     indices, values = sparsify_task_vector(tensor, self.sparsity)
                     offsets, counts = encode_sparse_indices(indices, tensor.numel())
@@ -293,19 +357,142 @@ class WEMoETaskVectors(nn.Module):
             else:
                 getattr(self, name).copy_(task_vectors)
         self._dense_cache.pop(name, None)
+        return energies
+
+    def set_factors(self, name: str, a_stack: torch.Tensor, b_stack: torch.Tensor) -> None:
+        """Store exact factors of weight `name`: `a_stack` (K, r, in) and `b_stack` (K, out, r), tau_k = B_k @ A_k.
+
+        Factors of a rank r below the stored rank R are zero-padded (the padding adds nothing).
+
+        Raises:
+            ValueError: the storage is not low-rank, `name` is not a stored weight, the shapes do not match, or
+                r > R (each names the tensor).
+        """
+        self._check_name(name)
+        stored = f"{self.key_prefix}{name}"
+        if not self.is_factorised(name):
+            raise ValueError(
+                f"'{stored}' is not stored as low-rank factors (the model has no rank, or it is a bias); "
+                "store the dense task vectors B @ A with set()"
+            )
+        out_features, in_features = self.shapes[name]
+        num_experts, rank = a_stack.shape[0], a_stack.shape[-2]
+        expected = ((num_experts, rank, in_features), (num_experts, out_features, rank))
+        if num_experts != self.factors(name)[0].shape[0] or (tuple(a_stack.shape), tuple(b_stack.shape)) != expected:
+            raise ValueError(
+                f"factors for '{stored}' must have shapes (K, r, {in_features}) and (K, {out_features}, r) with "
+                f"K = {self.factors(name)[0].shape[0]} experts, got {tuple(a_stack.shape)} and {tuple(b_stack.shape)}"
+            )
+        try:
+            a_stack, b_stack = pad_factors(a_stack, b_stack, self.rank)
+        except ValueError as err:
+            raise ValueError(f"'{stored}': {err}") from err
+        with torch.no_grad():
+            for stored_tensor, tensor in zip(self.factors(name), (a_stack, b_stack)):
+                stored_tensor.copy_(tensor)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.shapes:
+            raise ValueError(
+                f"'{self.key_prefix}{name}' is not a stored task-vector tensor; this module stores {list(self.shapes)}"
+            )
 
 
-class WEMoEMLP(nn.Module):
-    """A CLIP MLP whose weights are mixed per input from the pretrained MLP and K expert task vectors."""
+class WEMoERoutedLinears:
+    """What every module with routed linear layers shares ([`WEMoEMLP`], [`WEMoEAttention`]): routing weights
+    from a router or forced, one routed-linear code path for every storage mode, and merging for `collapse`.
 
-    def __init__(self, config: WEMoECLIPVisionConfig, with_router: bool = True):
+    A mixin for `nn.Module`s that hold the pretrained linear layers as attributes named after the modules, their
+    `task_vectors` ([`WEMoETaskVectors`]), `routed` (the routed module names) and `router` (or None).
+    """
+
+    config: WEMoECLIPVisionConfig
+    routed: tuple[str, ...]
+    task_vectors: WEMoETaskVectors
+    router: WEMoERouter | None
+
+    def route(
+        self,
+        hidden_states: torch.Tensor,
+        router: WEMoERouter | None = None,
+        routing_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Routing weights (B, K) in at least float32: forced ((K,) or (B, K)), or from `router` (the shared
+        one) or this module's router, reading `hidden_states`."""
+        batch_size = hidden_states.shape[0]
+        if routing_weights is None:
+            routing_weights = (router or self.router)(hidden_states)
+        else:
+            routing_weights = routing_weights.to(device=hidden_states.device)
+            routing_weights = (
+                routing_weights.expand(batch_size, -1) if routing_weights.dim() == 1 else routing_weights
+            )
+        # Routing and accumulation run in at least float32, whatever the activation and storage dtypes.
+        return routing_weights.to(torch.promote_types(routing_weights.dtype, torch.float32))
+
+    def linear(
+        self,
+        name: str,
+        hidden_states: torch.Tensor,
+        routing_weights: torch.Tensor,
+        routing: str,
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The linear layer `name` on `activation(hidden_states)` (or `hidden_states`): per-sample merged weights
+        W0 + sum_k r_k tau_k when it is routed, its own weights otherwise.
+
+        Dense and sparse task vectors run through `PerSampleLinear` (merged weights built block by block);
+        low-rank ones through `low_rank_linear` (two GEMMs, no merged weights). `routing` `"batch"` routes every
+        sample with the batch mean.
+        """
+        layer = getattr(self, name)
+        if name not in self.routed:
+            return layer(hidden_states if activation is None else activation(hidden_states))
+        tokens = hidden_states.reshape(hidden_states.shape[0], -1, hidden_states.shape[-1])
+        if routing == "batch":
+            # One merged layer for the whole batch: every token of the batch is one "sample" routed by the mean.
+            routing_weights = routing_weights.mean(dim=0, keepdim=True)
+            tokens = tokens.reshape(1, -1, tokens.shape[-1])
+        bias_deltas = self.task_vectors.dense(f"{name}_bias")
+        if self.task_vectors.is_low_rank:
+            a, b = self.task_vectors.factors(f"{name}_weight")
+            output = low_rank_linear(tokens, routing_weights, layer.weight, layer.bias, a, b, bias_deltas, activation)
+        else:
+            deltas = self.task_vectors.dense(f"{name}_weight")
+            output = PerSampleLinear.apply(
+                tokens, routing_weights, layer.weight, layer.bias, deltas, bias_deltas, activation
+            )
+        return output.view(*hidden_states.shape[:-1], output.shape[-1])
+
+    def merged_state(self, routing: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weights and biases of the routed layers merged with routing weights (K,): W0 + sum_k r_k tau_k, keyed
+        like the module's state dict (`fc1.weight`, ...)."""
+        state = {}
+        for name in self.routed:
+            layer = getattr(self, name)
+            acc_routing = routing.reshape(1, -1).to(device=layer.weight.device, dtype=torch.float32)
+            for suffix in ("weight", "bias"):
+                base = getattr(layer, suffix)
+                merged = MergedWeight.apply(acc_routing, base, self.task_vectors.dense(f"{name}_{suffix}"))
+                state[f"{name}.{suffix}"] = merged.to(base.dtype)
+        return state
+
+
+class WEMoEMLP(WEMoERoutedLinears, nn.Module):
+    """A CLIP MLP whose routed layers (`fc1`, `fc2`, or one of them) are mixed per input from the pretrained
+    weights and K expert task vectors; an unrouted layer holds task-arithmetic weights."""
+
+    def __init__(
+        self, config: WEMoECLIPVisionConfig, with_router: bool = True, routed: Sequence[str] | None = None
+    ):
         super().__init__()
         self.config = config
+        self.routed = tuple(routed) if routed is not None else MLP_MODULES
         self.activation_fn = ACT2FN[config.hidden_act]
         # The pretrained MLP (W0), not the task-arithmetic one.
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.task_vectors = WEMoETaskVectors(config)
+        self.task_vectors = WEMoETaskVectors(config, self.routed)
         self.router = WEMoERouter(config) if with_router else None
 
     def forward(
@@ -318,75 +505,80 @@ class WEMoEMLP(nn.Module):
         """Run the MLP; returns `(output, routing_weights)` with routing weights of shape (B, K).
 
         `router` is the shared router (when the model has one); `routing_weights` forces the routing:
-        a (K,) vector or a (B, K) table. `routing` is the routing mode (`"sample"` or `"batch"`, see
-        [`WEMoECLIPVisionConfig`]); defaults to the config's.
+        a (K,) vector or a (B, K) table (the routed attention of the layer passes its own). `routing` is the
+        routing mode (`"sample"` or `"batch"`, see [`WEMoECLIPVisionConfig`]); defaults to the config's.
         """
-        batch_size = hidden_states.shape[0]
-        if routing_weights is None:
-            routing_weights = (router or self.router)(hidden_states)
-        else:
-            routing_weights = routing_weights.to(device=hidden_states.device)
-            routing_weights = (
-                routing_weights.expand(batch_size, -1) if routing_weights.dim() == 1 else routing_weights
-            )
-        # Routing and accumulation run in at least float32, whatever the activation and storage dtypes.
-        routing_weights = routing_weights.to(torch.promote_types(routing_weights.dtype, torch.float32))
-
-        if (routing or self.config.routing) == "batch":
-            # One merged MLP for the whole batch: the same kernel, with every token of the batch as one "sample"
-            # routed by the batch mean (one merge per layer per forward, one large GEMM per layer).
-            mean = routing_weights.mean(dim=0, keepdim=True)
-            tokens = hidden_states.reshape(1, -1, hidden_states.shape[-1])
-            tokens = self._per_sample_linear("fc1", tokens, mean)
-            tokens = self._per_sample_linear("fc2", tokens, mean, activation=self.activation_fn)
-            hidden_states = tokens.view(*hidden_states.shape[:-1], tokens.shape[-1])
-        else:
-            hidden_states = self._per_sample_linear("fc1", hidden_states, routing_weights)
-            # The activation runs inside the second layer, which recomputes it in backward instead of saving it.
-            hidden_states = self._per_sample_linear(
-                "fc2", hidden_states, routing_weights, activation=self.activation_fn
-            )
+        routing_weights = self.route(hidden_states, router, routing_weights)
+        routing = routing or self.config.routing
+        hidden_states = self.linear("fc1", hidden_states, routing_weights, routing)
+        # The activation runs inside the second layer, which (when routed with full-rank task vectors) recomputes
+        # it in backward instead of saving it.
+        hidden_states = self.linear("fc2", hidden_states, routing_weights, routing, activation=self.activation_fn)
         return hidden_states, routing_weights
 
-    def _merged_linear(
-        self, name: str, routing: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One merged (weight, bias) for routing weights of shape (1, K)."""
-        linear = getattr(self, name)
-        return tuple(
-            MergedWeight.apply(routing, base, self.task_vectors.dense(f"{name}_{suffix}")).to(dtype)
-            for base, suffix in ((linear.weight, "weight"), (linear.bias, "bias"))
-        )
 
-    def _per_sample_linear(
-        self, name: str, hidden_states: torch.Tensor, routing: torch.Tensor, activation=None
-    ) -> torch.Tensor:
-        """The named layer with per-sample merged weights, on `activation(hidden_states)` when given."""
-        linear = getattr(self, name)
-        tokens = hidden_states.reshape(hidden_states.shape[0], -1, hidden_states.shape[-1])
-        output = PerSampleLinear.apply(
-            tokens,
-            routing,
-            linear.weight,
-            linear.bias,
-            self.task_vectors.dense(f"{name}_weight"),
-            self.task_vectors.dense(f"{name}_bias"),
-            activation,
-        )
-        return output.view(*hidden_states.shape[:-1], output.shape[-1])
+class WEMoEAttention(WEMoERoutedLinears, CLIPAttention):
+    """CLIP attention whose routed projections (some of `q_proj`, `k_proj`, `v_proj`, `out_proj`) are mixed per
+    input from the pretrained weights and K expert task vectors; unrouted projections hold task-arithmetic weights.
 
-    def merged_mlp_state(self, routing: torch.Tensor) -> dict[str, torch.Tensor]:
-        """fc1/fc2 weights and biases of the MLP merged with routing weights (K,): W0 + sum_k r_k tau_k."""
-        routing = routing.reshape(1, -1).to(device=self.fc1.weight.device, dtype=torch.float32)
-        state = {}
-        for name in ("fc1", "fc2"):
-            weight, bias = self._merged_linear(name, routing, getattr(self, name).weight.dtype)
-            state[f"{name}.weight"], state[f"{name}.bias"] = weight, bias
-        return state
+    Attention itself runs through transformers' attention interface (eager, sdpa, ...), as in [`CLIPAttention`].
+    When the layer's router is not shared, it lives here and reads the states entering attention.
+    """
+
+    def __init__(
+        self, config: WEMoECLIPVisionConfig, with_router: bool = True, routed: Sequence[str] | None = None
+    ):
+        super().__init__(config)
+        self.routed = tuple(routed) if routed is not None else ATTENTION_MODULES
+        self.task_vectors = WEMoETaskVectors(config, self.routed)
+        self.router = WEMoERouter(config) if with_router else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        router: WEMoERouter | None = None,
+        routing_weights: torch.Tensor | None = None,
+        routing: str | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Input shape: Batch x Time x Channel. Returns `(output, attention_weights, routing_weights)`; `router`,
+        `routing_weights` and `routing` as for [`WEMoEMLP`]."""
+        routing_weights = self.route(hidden_states, router, routing_weights)
+        routing = routing or self.config.routing
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        queries = self.linear("q_proj", hidden_states, routing_weights, routing)
+        keys = self.linear("k_proj", hidden_states, routing_weights, routing)
+        values = self.linear("v_proj", hidden_states, routing_weights, routing)
+
+        queries = queries.view(hidden_shape).transpose(1, 2)
+        keys = keys.view(hidden_shape).transpose(1, 2)
+        values = values.view(hidden_shape).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            queries,
+            keys,
+            values,
+            attention_mask,
+            scaling=self.scale,
+            dropout=0.0 if not self.training else self.dropout,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.linear("out_proj", attn_output, routing_weights, routing)
+        return attn_output, attn_weights, routing_weights
 
 
 class WEMoECLIPEncoderLayer(GradientCheckpointingLayer):
-    """A CLIP encoder layer (attention, MLP) whose MLP is a [`WEMoEMLP`] when the layer is an MoE layer.
+    """A CLIP encoder layer (attention, MLP) whose routed modules (`moe_modules`) are WEMoE modules when the layer
+    is an MoE layer: the attention a [`WEMoEAttention`] when a projection is routed, the MLP a [`WEMoEMLP`] when
+    `fc1` or `fc2` is. The layer's router (unless shared) lives in the first of them, and its routing vector
+    serves both.
 
     With gradient checkpointing on (`model.gradient_checkpointing_enable()`), training keeps only each layer's
     input and recomputes the layer in backward.
@@ -395,13 +587,25 @@ class WEMoECLIPEncoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: WEMoECLIPVisionConfig, is_moe: bool):
         super().__init__()
         self.is_moe = is_moe
-        self.self_attn = CLIPAttention(config)
+        routed = config.moe_modules if is_moe else []
+        attention = [name for name in routed if name in ATTENTION_MODULES]
+        mlp = [name for name in routed if name in MLP_MODULES]
+        own_router = not config.shared_router
+        if attention:
+            self.self_attn = WEMoEAttention(config, with_router=own_router, routed=attention)
+        else:
+            self.self_attn = CLIPAttention(config)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        if is_moe:
-            self.mlp = WEMoEMLP(config, with_router=not config.shared_router)
+        if mlp:
+            self.mlp = WEMoEMLP(config, with_router=own_router and not attention, routed=mlp)
         else:
             self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    @property
+    def routed_modules(self) -> list[WEMoERoutedLinears]:
+        """The layer's WEMoE modules (attention and/or MLP), in data-flow order; empty for a static layer."""
+        return [module for module in (self.self_attn, self.mlp) if isinstance(module, WEMoERoutedLinears)]
 
     def forward(
         self,
@@ -410,21 +614,27 @@ class WEMoECLIPEncoderLayer(GradientCheckpointingLayer):
         routing_weights: torch.Tensor | None = None,
         routing: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns `(hidden_states, attention_weights, routing_weights)`; the last is None for a static MLP."""
+        """Returns `(hidden_states, attention_weights, routing_weights)`; the last is None for a static layer."""
         residual = hidden_states
         hidden_states = self.layer_norm1(hidden_states)
-        hidden_states, attention_weights = self.self_attn(hidden_states=hidden_states, attention_mask=None)
+        if isinstance(self.self_attn, WEMoEAttention):
+            hidden_states, attention_weights, routing_weights = self.self_attn(
+                hidden_states, router=router, routing_weights=routing_weights, routing=routing
+            )
+        else:
+            hidden_states, attention_weights = self.self_attn(hidden_states=hidden_states, attention_mask=None)
         hidden_states = residual + hidden_states
 
         residual = hidden_states
         hidden_states = self.layer_norm2(hidden_states)
-        if self.is_moe:
+        if isinstance(self.mlp, WEMoEMLP):
+            # After a routed attention, `routing_weights` holds its routing: the MLP uses the same vector.
             hidden_states, routing_weights = self.mlp(
                 hidden_states, router=router, routing_weights=routing_weights, routing=routing
             )
         else:
-            hidden_states, routing_weights = self.mlp(hidden_states), None
-        return residual + hidden_states, attention_weights, routing_weights
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, attention_weights, routing_weights if self.is_moe else None
 
 
 class WEMoECLIPEncoder(nn.Module):
@@ -654,12 +864,17 @@ class WEMoECLIPVisionModel(WEMoECLIPPreTrainedModel):
 
     @property
     def moe_layers(self) -> list[WEMoEMLP]:
-        """The WEMoE MLP modules, in layer order."""
-        return [layer.mlp for layer in self.encoder.layers if layer.is_moe]
+        """The WEMoE MLP modules, in layer order (none when no MLP layer is routed; see `routed_modules`)."""
+        return [layer.mlp for layer in self.encoder.layers if isinstance(layer.mlp, WEMoEMLP)]
+
+    @property
+    def routed_modules(self) -> list[WEMoERoutedLinears]:
+        """Every WEMoE module (routed attention and MLP, each with its `task_vectors`), in data-flow order."""
+        return [module for layer in self.encoder.layers for module in layer.routed_modules]
 
     def _check_force_routing(self, routing: torch.Tensor) -> torch.Tensor:
         routing = torch.as_tensor(routing, dtype=torch.float32)
-        num_layers, num_experts = len(self.moe_layers), self.config.num_experts
+        num_layers, num_experts = len(self.config.moe_layer_indices), self.config.num_experts
         if routing.shape not in ((num_experts,), (num_layers, num_experts)):
             raise ValueError(
                 f"routing weights must have shape ({num_experts},) or ({num_layers}, {num_experts}), "
@@ -669,7 +884,7 @@ class WEMoECLIPVisionModel(WEMoECLIPPreTrainedModel):
 
     @torch.no_grad()
     def collapse(self, routing: torch.Tensor | list) -> CLIPVisionModel:
-        """A plain `CLIPVisionModel` whose MLPs are W0 + sum_k r_k tau_k for fixed routing weights.
+        """A plain `CLIPVisionModel` whose routed layers are W0 + sum_k r_k tau_k for fixed routing weights.
 
         `routing` is one (K,) vector for every MoE layer, or a (num_moe_layers, K) table. The result is a
         task-specific static model with no routing overhead; it computes what this model computes with the
@@ -677,19 +892,19 @@ class WEMoECLIPVisionModel(WEMoECLIPPreTrainedModel):
         """
         routing = self._check_force_routing(routing)
         static = CLIPVisionModel(_static_config(self.config)).to(self.device)
-        state = {}
-        position = 0
-        for name, tensor in self.state_dict().items():
-            # Routers (per layer or the shared one) have no place in a static model.
-            if is_router_parameter(name):
-                continue
-            if ".mlp." not in name or not _is_layer_moe(self, name):
-                state[name] = tensor
-        for index, layer in enumerate(self.encoder.layers):
-            if layer.is_moe:
-                merged = layer.mlp.merged_mlp_state(_routing_for_layer(routing, position))
-                state.update({f"encoder.layers.{index}.mlp.{key}": value for key, value in merged.items()})
-                position += 1
+        # Routers (per layer or the shared one) and task vectors have no place in a static model; the routed
+        # layers' pretrained weights are replaced by their merged ones below.
+        state = {
+            name: tensor
+            for name, tensor in self.state_dict().items()
+            if not is_router_parameter(name) and ".task_vectors." not in name
+        }
+        for position, index in enumerate(self.config.moe_layer_indices):
+            layer = self.encoder.layers[index]
+            for module in layer.routed_modules:
+                prefix = f"encoder.layers.{index}.{'self_attn' if module is layer.self_attn else 'mlp'}."
+                merged = module.merged_state(_routing_for_layer(routing, position))
+                state.update({prefix + key: value for key, value in merged.items()})
         static.load_state_dict(state, strict=True)
         return static.to(self.dtype)
 
@@ -764,7 +979,9 @@ __all__ = [
     "WEMoECLIPPreTrainedModel",
     "WEMoECLIPVisionModel",
     "WEMoECLIPVisionModelWithProjection",
+    "WEMoEAttention",
     "WEMoEMLP",
+    "WEMoERoutedLinears",
     "WEMoERouter",
     "WEMoETaskVectors",
     "decode_sparse_indices",

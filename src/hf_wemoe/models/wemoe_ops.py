@@ -5,6 +5,9 @@
 - The kernels: a linear layer whose weights are merged per sample from the pretrained weights and K task vectors
   (`PerSampleLinear`), one merged weight for one routing vector (`MergedWeight`), and the block planning both use
   to keep memory flat.
+- Low-rank task vectors: the truncated SVD that factorises one task vector (`low_rank_factors`), zero-padding of
+  factors to the stored rank (`pad_factors`), and the routed linear layer over factors (`low_rank_linear`), which
+  needs no per-sample weights at all.
 
 This file is copied into every saved model folder and Hub repository next to `modeling_wemoe.py`, so it imports
 only the standard library and torch.
@@ -340,6 +343,106 @@ class MergedWeight(torch.autograd.Function):
         return grad_routing, grad_weight, grad_deltas
 
 
+def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` factors of one task-vector weight: `delta` (out, in) ~ `B @ A`.
+
+    Returns `(A, B, kept_energy)`: `A` (rank, in) holds the top right singular vectors as rows, `B` (out, rank)
+    the matching left singular vectors scaled by their singular values, and `kept_energy` the share of the
+    squared Frobenius norm the factors keep (sum of the top `rank` squared singular values over the total; 1.0
+    for a zero tensor). Factors are float32 (float64 for a float64 input).
+
+    The truncated SVD comes from the eigendecomposition of the smaller Gram matrix (`delta.T @ delta` or
+    `delta @ delta.T`), computed in float64 on `delta`'s device: at ViT-B/32 shapes (3072 x 768) on one CPU
+    thread it takes about 0.23 s, against 0.82 s for a full float64 SVD and 0.36 s for a float32 one, and
+    float64 keeps it accurate (the Gram matrix squares the singular values, which float32 could not afford).
+    Factors are projections of `delta` itself (`B = delta @ V`), so a matrix of rank <= `rank` is reproduced to
+    float64 rounding.
+
+    Raises:
+        ValueError: `rank` is not an integer in [1, min(out, in)].
+    """
+    if delta.dim() != 2:
+        raise ValueError(f"low_rank_factors expects a 2-D weight, got shape {tuple(delta.shape)}")
+    limit = min(delta.shape)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
+        raise ValueError(f"rank must be an integer in [1, {limit}] for a {tuple(delta.shape)} weight, got {rank!r}")
+    out_dtype = torch.promote_types(delta.dtype, torch.float32)
+    work = delta.to(torch.float64)
+    total = float(work.square().sum())
+    # Factorise the wide side's transpose so the Gram matrix is the small one: W = (W^T)^T.
+    transposed = work.shape[0] < work.shape[1]
+    matrix = work.t() if transposed else work
+    _, vectors = torch.linalg.eigh(matrix.t() @ matrix)
+    # eigh sorts eigenvalues in ascending order; the last `rank` vectors are the top ones. Each vector's sign is
+    # fixed (largest entry positive) so that the factors do not depend on the LAPACK build.
+    top = vectors[:, -rank:].flip(-1)
+    signs = torch.sign(top.gather(0, top.abs().argmax(dim=0, keepdim=True)))
+    top = top * torch.where(signs == 0, 1.0, signs)
+    projected = matrix @ top  # (rows of `matrix`, rank) = U * sigma
+    kept = float(projected.square().sum())
+    energy = 1.0 if total == 0.0 else min(1.0, kept / total)
+    if not transposed:
+        a, b = top.t(), projected
+    else:
+        # Here `top` holds W's left singular vectors U and `projected` = W^T U = V S, so W ~ (U S) V^T: B carries
+        # the singular values and A's rows are orthonormal, as in the other case.
+        sigma = projected.norm(dim=0)
+        safe = torch.where(sigma > 0, sigma, 1.0)
+        a = (projected / safe).t() * (sigma > 0).unsqueeze(1)
+        b = top * sigma
+    return a.to(out_dtype).contiguous(), b.to(out_dtype).contiguous(), energy
+
+
+def pad_factors(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad factors `a` (..., r, in) and `b` (..., out, r) to `rank` (zero rows and columns add nothing).
+
+    Raises:
+        ValueError: the factors' inner dimensions differ, or r > `rank`.
+    """
+    r = a.shape[-2]
+    if b.shape[-1] != r:
+        raise ValueError(f"factors disagree on their rank: A has {r} rows, B has {b.shape[-1]} columns")
+    if r > rank:
+        raise ValueError(f"factors of rank {r} do not fit the stored rank {rank}; build the model with rank >= {r}")
+    if r == rank:
+        return a, b
+    return torch.nn.functional.pad(a, (0, 0, 0, rank - r)), torch.nn.functional.pad(b, (0, rank - r))
+
+
+def low_rank_linear(
+    x: torch.Tensor,
+    routing: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias_deltas: torch.Tensor,
+    activation=None,
+) -> torch.Tensor:
+    """`y[b] = x[b] @ W0.T + b0 + sum_k r[b, k] ((x[b] @ A_k.T) @ B_k.T + beta_k)` with plain autograd.
+
+    `x` (B, T, in); `routing` (B, K), or (1, K) for one routing vector shared by the batch; `a` (K, R, in),
+    `b` (K, out, R), `bias_deltas` (K, out). The task-vector part is two GEMMs over every token of the batch with
+    inner dimension K * R: `h = x @ A_all.T` with `A_all` (K * R, in), `h` scaled per sample by r repeated R
+    times, then `h @ B_all.T` with `B_all` (out, K * R). No per-sample weights exist; backward keeps
+    O(B * T * K * R) extra values. Factors are converted to the activation dtype for the GEMMs; the routing
+    scale and the bias mix run in the routing dtype (at least float32), and the scaled `h` goes back to the
+    activation dtype. With `activation`, the layer runs on `activation(x)`.
+    """
+    if activation is not None:
+        x = activation(x)
+    dtype = x.dtype
+    num_experts, rank, in_features = a.shape
+    out_features = b.shape[1]
+    a_all = a.reshape(num_experts * rank, in_features).to(dtype)
+    b_all = b.transpose(0, 1).reshape(out_features, num_experts * rank).to(dtype)
+    scale = routing.repeat_interleave(rank, dim=1).unsqueeze(1)  # (B or 1, 1, K * R)
+    hidden = (torch.nn.functional.linear(x, a_all) * scale).to(dtype)
+    bias_rows = torch.addmm(bias.to(routing.dtype).unsqueeze(0), routing, bias_deltas.to(routing.dtype))
+    output = torch.nn.functional.linear(x, weight) + torch.nn.functional.linear(hidden, b_all)
+    return output + bias_rows.to(dtype).unsqueeze(1)
+
+
 __all__ = [
     "ACCELERATOR_MERGE_BLOCK_ELEMENTS",
     "MERGE_BLOCK_ELEMENTS",
@@ -352,7 +455,10 @@ __all__ = [
     "conversion_blocks",
     "decode_sparse_indices",
     "encode_sparse_indices",
+    "low_rank_factors",
+    "low_rank_linear",
     "num_index_blocks",
     "num_kept_entries",
+    "pad_factors",
     "sparsify_task_vector",
 ]
