@@ -30,9 +30,8 @@ from hf_wemoe.io.layout import (
 )
 from hf_wemoe.io.sources import parse_reference
 from hf_wemoe.io.weights import count_parameters, weight_files
-from hf_wemoe.merging.recipe import DEFAULT_ROUTED
 from hf_wemoe.merging.registry import get_method
-from hf_wemoe.models.configuration_wemoe import DEPRECATED_FIELD_NAMES
+from hf_wemoe.models.configuration_wemoe import DEFAULT_MOE_MODULES, DEPRECATED_FIELD_NAMES
 from hf_wemoe.utils.formatting import format_size, one_line
 from hf_wemoe.zeroshot.data import parse_dataset_ref
 
@@ -307,7 +306,7 @@ def _recipe(
     }
     if vision_config.get("rank") is not None:
         recipe["rank"] = vision_config["rank"]
-    if list(vision_config.get("moe_modules") or DEFAULT_ROUTED) != list(DEFAULT_ROUTED):
+    if list(vision_config.get("moe_modules") or DEFAULT_MOE_MODULES) != list(DEFAULT_MOE_MODULES):
         recipe["moe_modules"] = list(vision_config["moe_modules"])
     return recipe, None
 
@@ -348,8 +347,8 @@ def _wemoe_fields(config: dict[str, Any]) -> dict[str, Any]:
         "num_layers": num_layers,
         "num_experts": len(config.get("expert_names") or []),
         "rank": config.get("rank"),
-        "moe_modules": list(config.get("moe_modules") or DEFAULT_ROUTED),
-        "routes_mlp_only": set(config.get("moe_modules") or DEFAULT_ROUTED) <= {"fc1", "fc2"},
+        "moe_modules": list(config.get("moe_modules") or DEFAULT_MOE_MODULES),
+        "routes_mlp_only": set(config.get("moe_modules") or DEFAULT_MOE_MODULES) <= {"fc1", "fc2"},
         "low_rank": _low_rank(
             (config.get("provenance") or {}).get("low_rank"), list(config.get("expert_names") or [])
         ),

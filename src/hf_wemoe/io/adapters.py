@@ -63,13 +63,13 @@ from hf_wemoe.io.sources import (
     pickle_refusal,
 )
 from hf_wemoe.io.weights import check_finite
+from hf_wemoe.models.configuration_wemoe import ATTENTION_MODULES, MOE_MODULES
 from hf_wemoe.utils.formatting import one_line
 
 logger = logging.getLogger(__name__)
 
-# The modules of a CLIP vision encoder layer that a LoRA expert may adapt, and the submodule that holds each.
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "out_proj": "self_attn"}
+# The modules of a CLIP vision encoder layer that a LoRA expert may adapt: the ones a WEMoE model can route.
+LORA_MODULES = MOE_MODULES
 _SUPPORTED_PATH = re.compile(
     r"^encoder\.layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)$"
 )
@@ -111,7 +111,8 @@ _HF_CACHE_REPO = re.compile(r"^models--([^/]+?)--(.+)$")
 
 def module_weight_key(layer: int, module: str) -> str:
     """The `CLIPVisionModel` weight key of `module` (one of `LORA_MODULES`) in encoder layer `layer`."""
-    return f"encoder.layers.{layer}.{_PARENT.get(module, 'mlp')}.{module}.weight"
+    parent = "self_attn" if module in ATTENTION_MODULES else "mlp"
+    return f"encoder.layers.{layer}.{parent}.{module}.weight"
 
 
 def is_adapter_folder(folder: str | Path) -> bool:

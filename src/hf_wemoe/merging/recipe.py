@@ -19,12 +19,17 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hf_wemoe.errors import WEMoEError
-from hf_wemoe.io.adapters import LORA_MODULES
 from hf_wemoe.merging.base import MergeMethod
 from hf_wemoe.merging.registry import get_method, merge_methods
 
 # The allowed values are the model config's own, so the recipe cannot accept what the config refuses.
-from hf_wemoe.models.configuration_wemoe import RouterDepth, RoutingMode, TaskVectorDtype
+from hf_wemoe.models.configuration_wemoe import (
+    DEFAULT_MOE_MODULES,
+    MOE_MODULES,
+    RouterDepth,
+    RoutingMode,
+    TaskVectorDtype,
+)
 from hf_wemoe.utils.config_files import (
     describe_validation_error,
     flag_of,
@@ -34,11 +39,8 @@ from hf_wemoe.utils.config_files import (
 from hf_wemoe.utils.formatting import parse_size
 
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-# Routed linear layers: the names the model config accepts, in its canonical order, and the default.
-ROUTABLE_MODULES = LORA_MODULES
-DEFAULT_ROUTED = ("fc1", "fc2")
 # Options recorded in merge_config.yaml only when they differ from these values.
-_RECORDED_WHEN_SET: dict[str, Any] = {"rank": None, "moe_modules": list(DEFAULT_ROUTED)}
+_RECORDED_WHEN_SET: dict[str, Any] = {"rank": None, "moe_modules": list(DEFAULT_MOE_MODULES)}
 
 
 def _method_option(**extra: Any) -> dict[str, Any]:
@@ -167,9 +169,9 @@ class MergeRecipe(BaseModel):
     moe_modules: list[str] | None = Field(
         default=None,
         description="the linear layers of every encoder layer that are routed, comma-separated, out of "
-        f"{','.join(ROUTABLE_MODULES)}; the others get task arithmetic. Route the modules your LoRA experts "
+        f"{','.join(MOE_MODULES)}; the others get task arithmetic. Route the modules your LoRA experts "
         "adapt (e.g. q_proj,v_proj): see `hf-wemoe analyze`",
-        json_schema_extra=_method_option(metavar="M1,M2", default_text=",".join(DEFAULT_ROUTED)),
+        json_schema_extra=_method_option(metavar="M1,M2", default_text=",".join(DEFAULT_MOE_MODULES)),
     )
     task_vector_dtype: TaskVectorDtype = Field(
         default="float32",
@@ -330,16 +332,16 @@ def parse_moe_modules(value: Any) -> list[str]:
         raise ValueError(f"expected module names separated by commas (e.g. q_proj,v_proj), got {value!r}")
     names = [part.strip() for item in items for part in item.split(",") if part.strip()]
     if not names:
-        raise ValueError(f"name at least one module out of {','.join(ROUTABLE_MODULES)}")
-    unknown = [name for name in names if name not in ROUTABLE_MODULES]
+        raise ValueError(f"name at least one module out of {','.join(MOE_MODULES)}")
+    unknown = [name for name in names if name not in MOE_MODULES]
     if unknown:
         raise ValueError(
-            f"unknown module '{unknown[0]}'; routable modules are {','.join(ROUTABLE_MODULES)} (e.g. q_proj,v_proj)"
+            f"unknown module '{unknown[0]}'; routable modules are {','.join(MOE_MODULES)} (e.g. q_proj,v_proj)"
         )
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"module '{repeated[0]}' is named twice")
-    return [name for name in ROUTABLE_MODULES if name in names]
+    return [name for name in MOE_MODULES if name in names]
 
 
 def is_method_option(name: str) -> bool:

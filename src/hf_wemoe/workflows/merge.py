@@ -25,7 +25,8 @@ from hf_wemoe.io.outputs import atomic_output_dir, check_output_dir
 from hf_wemoe.io.sources import ModelSource, open_source, parse_reference
 from hf_wemoe.io.weights import count_parameters, folder_size
 from hf_wemoe.merging.base import MergeJob, Progress
-from hf_wemoe.merging.recipe import DEFAULT_ROUTED, ROUTABLE_MODULES, MergeRecipe
+from hf_wemoe.merging.recipe import MergeRecipe
+from hf_wemoe.models.configuration_wemoe import DEFAULT_MOE_MODULES, MOE_MODULES
 from hf_wemoe.utils.config_files import dump_yaml
 from hf_wemoe.utils.formatting import format_size, parse_size
 from hf_wemoe.utils.progress import progress, progress_enabled, quiet_libraries
@@ -137,7 +138,7 @@ def low_rank_options(
     if not options.method_class.is_moe:
         return options
     adapters = [source for source in experts.values() if isinstance(source, AdapterSource)]
-    modules = options.moe_modules or list(DEFAULT_ROUTED)
+    modules = options.moe_modules or list(DEFAULT_MOE_MODULES)
     if adapters:
         if sparsity_given and options.sparsity:
             raise WEMoEError(
@@ -145,7 +146,7 @@ def low_rank_options(
                 "their exact low-rank factors; drop --sparsity (or use --rank for the full fine-tunes)"
             )
         if len(adapters) == len(experts) and not any(set(a.targets) & set(modules) for a in adapters):
-            adapted = [name for name in ROUTABLE_MODULES if any(name in a.targets for a in adapters)]
+            adapted = [name for name in MOE_MODULES if any(name in a.targets for a in adapters)]
             raise WEMoEError(
                 f"no expert changes the routed modules ({','.join(modules)}): the LoRA experts adapt "
                 f"{','.join(adapted)} only; route those with --moe-modules {','.join(adapted)}"
