@@ -117,7 +117,10 @@ def test_lora_experts_from_the_hub_merge_train_eval_push(lora_hub, hub_server, t
     card = ModelCard(hub_server.read_file(PUSHED, "README.md").decode())
     assert card.data.base_model == [BASE, *ADAPTERS.values()]
     assert "low rank 16 (τk ≈ Bk·Ak; LoRA experts exact, as their own factors)" in card.text
-    assert "blocks: a PEFT LoRA adapter of rank 16, stored exactly" in card.text
+    assert (
+        "the PEFT LoRA adapters (blocks: rank 16, stripes: rank 16) exactly, as their own factors"
+        in card.text
+    )
     pushed = json.loads(hub_server.read_file(PUSHED, "config.json"))
     assert pushed["provenance"]["low_rank"]["kept_energy"]["0"] == {"blocks": 1.0, "stripes": 1.0}
 

@@ -151,7 +151,7 @@ def test_collapsing_to_a_lora_expert_gives_peft_merge(world, variants, tmp_path)
     card = (output / "README.md").read_text()
     assert "low rank 4 (τk ≈ Bk·Ak; LoRA experts exact, as their own factors)" in card
     assert (
-        "regex: a PEFT LoRA adapter of rank 2, stored exactly" in card
+        "the PEFT LoRA adapters (rslora: rank 4, fan: rank 3, regex: rank 2, layers: rank 3) exactly" in card
         and "| 0 | 100% | 100% | 100% | 100% |" in card
     )
     # The recipe rebuilds identical weights.
@@ -258,7 +258,7 @@ def test_mixed_lora_and_full_experts(world, tmp_path):
     assert recipe["rank"] == 2
     card = (output / "README.md").read_text()
     assert (
-        "full: a full fine-tune, truncated to rank 2 by SVD; fc: a PEFT LoRA adapter of rank 4, stored exactly."
+        "factors: the full fine-tunes (full) truncated to rank 2 by SVD; the PEFT LoRA adapters (fc: rank 4) exactly"
         in card
     )
     default = merge_experts(world, tmp_path / "default", {"full": world["task0"], "fc": experts["fc"]})

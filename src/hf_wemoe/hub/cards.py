@@ -304,10 +304,6 @@ def _recipe(
         "routing": vision_config.get("routing", "sample"),
         "task_vector_dtype": vision_config.get("task_vector_dtype", "float32"),
     }
-    if vision_config.get("rank") is not None:
-        recipe["rank"] = vision_config["rank"]
-    if list(vision_config.get("moe_modules") or DEFAULT_MOE_MODULES) != list(DEFAULT_MOE_MODULES):
-        recipe["moe_modules"] = list(vision_config["moe_modules"])
     return recipe, None
 
 
@@ -374,11 +370,15 @@ def _low_rank(record: dict[str, Any] | None, names: list[str]) -> dict[str, Any]
     header = "| layer | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
     lines = [header, *(f"| {layer} | " + " | ".join(cells) + " |" for layer, cells in rows)]
     lines.append("| mean | " + " | ".join(means) + " |")
+    entries = [{"name": name, **(experts.get(name) or {})} for name in names]
+    full = [entry for entry in entries if entry.get("kind") != "lora"]
     return {
         "rank": record.get("rank"),
-        "experts": [{"name": name, **(experts.get(name) or {})} for name in names],
-        "has_lora": any((experts.get(name) or {}).get("kind") == "lora" for name in names),
-        "has_full": any((experts.get(name) or {}).get("kind") != "lora" for name in names),
+        "lora": [entry for entry in entries if entry.get("kind") == "lora"],
+        "full": [entry["name"] for entry in full],
+        "full_rank": full[0].get("rank") if full else None,
+        "has_lora": len(full) < len(entries),
+        "has_full": bool(full),
         "table": "\n".join(lines) if layers else None,
     }
 
