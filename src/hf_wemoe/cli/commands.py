@@ -32,6 +32,11 @@ COMMANDS: dict[str, Command] = {
             "merge fine-tuned CLIP vision experts (WEMoE, E-WEMoE, task arithmetic, TIES, averaging)",
         ),
         Command(
+            "analyze",
+            "analyze",
+            "measure the experts' task vectors per layer and module: relative size, and the rank that keeps their energy",
+        ),
+        Command(
             "train",
             "train",
             "adapt the routers of a WEMoE model on unlabelled data (test-time adaptation, collapse monitored)",

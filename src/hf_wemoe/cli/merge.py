@@ -27,7 +27,9 @@ Merge CLIP vision experts fine-tuned from one base model. The default method, we
 weight-ensembling mixture-of-experts model (config, safetensors weights, model code, preprocessor config,
 merge_config.yaml and a model card) that AutoModel loads with trust_remote_code=True; the static methods
 write a plain CLIPVisionModel. REF is a Hub repo id with an optional @revision (org/name@revision) or a
-local folder; checkpoints may be CLIPVisionModel (transformers 4 or 5 layout) or full CLIPModel.
+local folder; checkpoints may be CLIPVisionModel (transformers 4 or 5 layout) or full CLIPModel, and
+experts may also be PEFT LoRA adapters of the base (adapter_config.json + adapter_model.safetensors), alone or
+mixed with full fine-tunes: they are stored as their exact low-rank factors (see --rank and --moe-modules).
 merge_config.yaml records the recipe (sources pinned to the revisions read, method and options, shard size);
 --config reads it back.
 """
@@ -42,6 +44,10 @@ examples:
       --calibrate mnist=ylecun/mnist#train --calibrate svhn=ufldl-stanford/svhn:cropped_digits#train
   hf-wemoe merge --base openai/clip-vit-base-patch32 --expert ... --output wemoe-clip --full-clip \\
       --push-to-hub my-org/wemoe-clip       # zero-shot pipelines and widget, pushed with its card
+  hf-wemoe merge --base openai/clip-vit-base-patch16 --moe-modules q_proj,v_proj --output wemoe-lora-b16 \\
+      --expert mnist=tanganke/clip-vit-base-patch16_mnist_lora-16 \\
+      --expert svhn=tanganke/clip-vit-base-patch16_svhn_lora-16    # LoRA experts: routed q/v, rank 16, exact
+  hf-wemoe merge --base openai/clip-vit-base-patch32 --expert ... --rank 32 --output wemoe-r32   # low-rank
 """
 
 

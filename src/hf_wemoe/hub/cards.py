@@ -31,7 +31,7 @@ from hf_wemoe.io.layout import (
 from hf_wemoe.io.sources import parse_reference
 from hf_wemoe.io.weights import count_parameters, weight_files
 from hf_wemoe.merging.registry import get_method
-from hf_wemoe.models.configuration_wemoe import DEPRECATED_FIELD_NAMES
+from hf_wemoe.models.configuration_wemoe import DEFAULT_MOE_MODULES, DEPRECATED_FIELD_NAMES
 from hf_wemoe.utils.formatting import format_size, one_line
 from hf_wemoe.zeroshot.data import parse_dataset_ref
 
@@ -342,7 +342,54 @@ def _wemoe_fields(config: dict[str, Any]) -> dict[str, Any]:
         "moe_layers": "all" if moe_layers is None else ", ".join(str(i) for i in moe_layers),
         "num_layers": num_layers,
         "num_experts": len(config.get("expert_names") or []),
+        "rank": config.get("rank"),
+        "moe_modules": list(config.get("moe_modules") or DEFAULT_MOE_MODULES),
+        "routes_mlp_only": set(config.get("moe_modules") or DEFAULT_MOE_MODULES) <= {"fc1", "fc2"},
+        "low_rank": _low_rank(
+            (config.get("provenance") or {}).get("low_rank"), list(config.get("expert_names") or [])
+        ),
     }
+
+
+def _low_rank(record: dict[str, Any] | None, names: list[str]) -> dict[str, Any] | None:
+    """What the card says about low-rank task vectors, from `provenance["low_rank"]` of the config (written by
+    `hf-wemoe merge --rank` and merges of LoRA experts): the stored rank, each expert's rank and kind, and the
+    share of every task vector's energy ‖τ‖² the factors keep, averaged per layer, as percentages."""
+    if not record:
+        return None
+    energy = record.get("kept_energy") or {}
+    layers = sorted(energy, key=lambda layer: int(layer))
+    experts = record.get("experts") or {}
+    rows = [
+        (layer, [_percent(energy[layer].get(name)) for name in names]) for layer in layers
+    ]
+    means = []
+    for name in names:
+        values = [energy[layer][name] for layer in layers if isinstance(energy[layer].get(name), (int, float))]
+        means.append(_percent(sum(values) / len(values)) if values else "–")
+    header = "| layer | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
+    lines = [header, *(f"| {layer} | " + " | ".join(cells) + " |" for layer, cells in rows)]
+    lines.append("| mean | " + " | ".join(means) + " |")
+    entries = [{"name": name, **(experts.get(name) or {})} for name in names]
+    full = [entry for entry in entries if entry.get("kind") != "lora"]
+    return {
+        "rank": record.get("rank"),
+        "lora": [entry for entry in entries if entry.get("kind") == "lora"],
+        "full": [entry["name"] for entry in full],
+        "full_rank": full[0].get("rank") if full else None,
+        "has_lora": len(full) < len(entries),
+        "has_full": bool(full),
+        "table": "\n".join(lines) if layers else None,
+    }
+
+
+def _percent(value: Any) -> str:
+    """A kept-energy fraction as a percentage; 100% only when nothing is lost (LoRA experts)."""
+    if not isinstance(value, (int, float)):
+        return "–"
+    if value >= 1.0:
+        return "100%"
+    return f"{min(100 * value, 99.99):.2f}%"
 
 
 def _source_entry(name: str, record: dict | None, ref: str) -> dict[str, Any]:

@@ -8,6 +8,10 @@ SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAME = "pytorch_model.bin"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+# A PEFT adapter folder (read as an expert: `hf_wemoe.io.adapters`).
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_SAFETENSORS_NAME = "adapter_model.safetensors"
+ADAPTER_PICKLE_NAME = "adapter_model.bin"
 CARD_NAME = "README.md"
 MERGE_CONFIG_NAME = "merge_config.yaml"
 EVAL_RESULTS_NAME = "eval_results.json"
@@ -24,6 +28,9 @@ TOKENIZER_FILES = (
 )
 
 __all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_PICKLE_NAME",
+    "ADAPTER_SAFETENSORS_NAME",
     "CARD_NAME",
     "CONFIG_NAME",
     "EVAL_RESULTS_NAME",

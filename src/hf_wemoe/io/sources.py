@@ -16,12 +16,14 @@ even then they are loaded with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import pickle
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -318,7 +320,7 @@ def open_source(
         raise SourceError(f"'{ref.text}' has no {CONFIG_NAME}; a CLIP checkpoint folder needs one")
     config = read_vision_config(config_path, ref.text)
     if ref.is_local:
-        commit = _content_hash([config_path, *weights]) if hash_local else None
+        commit = content_hash([config_path, *weights]) if hash_local else None
     files = [SafetensorsFile(path) if kind == "safetensors" else PickleFile(path) for path in weights]
     source = ModelSource(
         reference=ref, folder=folder, config=config, layout="", commit=commit, weight_files=weights
@@ -421,7 +423,7 @@ def _choose_local_weights(folder: Path, ref: ModelReference, allow_pickle: bool)
     return [folder / name for name in files], kind
 
 
-def _content_hash(paths: list[Path]) -> str:
+def content_hash(paths: list[Path]) -> str:
     """sha256 over the names and bytes of `paths`, in order: the revision of a local checkpoint."""
     digest = hashlib.sha256()
     for path in paths:
@@ -467,34 +469,54 @@ def hub_model_info(ref: ModelReference):
 
 def _download(ref: ModelReference, allow_pickle: bool) -> tuple[Path, list[Path], str, str]:
     """Resolve a Hub reference to a commit and download the files a merge reads."""
-    from huggingface_hub import constants, hf_hub_download, snapshot_download
-
-    where = f"the Hub ({constants.ENDPOINT})"
-    install_timeouts()
-    try:
-        info = hub_model_info(ref)
-        commit = info.sha
-        names = {sibling.rfilename for sibling in info.siblings or []}
+    commit, names = hub_listing(ref)
+    with hub_errors(ref):
+        from huggingface_hub import hf_hub_download
 
         def read_index(name: str) -> dict[str, str]:
             path = hf_hub_download(ref.repo_id, name, revision=commit)
             return _read_weight_map(Path(path))
 
         files, kind = _weights_from_names(names, read_index, ref, allow_pickle)
-        wanted = [CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_INDEX_NAME, *files]
-        if kind == "pickle":
-            wanted.append(PICKLE_INDEX_NAME)
-        folder = snapshot_download(
-            ref.repo_id, revision=commit, allow_patterns=[n for n in wanted if n in names]
-        )
+    wanted = [CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_INDEX_NAME, *files]
+    if kind == "pickle":
+        wanted.append(PICKLE_INDEX_NAME)
+    folder = hub_snapshot(ref, commit, [name for name in wanted if name in names])
+    return folder, [folder / name for name in files], kind, commit
+
+
+@contextlib.contextmanager
+def hub_errors(ref: ModelReference) -> Iterator[None]:
+    """Turn network and HTTP failures while reading `ref` from the Hub into one readable `SourceError` line
+    (`SourceError`s pass through)."""
+    from huggingface_hub import constants
+
+    install_timeouts()
+    try:
+        yield
     except SourceError:
         raise
     except Exception as err:  # noqa: BLE001 -- network and HTTP failures become one readable line
         if is_connection_error(err):
             raise hub_unreachable(err, f"download '{ref.text}'") from err
-        raise SourceError(f"cannot download '{ref.text}' from {where}: {one_line(err)}") from err
-    folder = Path(folder)
-    return folder, [folder / name for name in files], kind, commit
+        raise SourceError(
+            f"cannot download '{ref.text}' from the Hub ({constants.ENDPOINT}): {one_line(err)}"
+        ) from err
+
+
+def hub_listing(ref: ModelReference) -> tuple[str, set[str]]:
+    """The commit `ref` resolves to on the Hub and the names of the files at that commit."""
+    with hub_errors(ref):
+        info = hub_model_info(ref)
+        return info.sha, {sibling.rfilename for sibling in info.siblings or []}
+
+
+def hub_snapshot(ref: ModelReference, commit: str, names: list[str]) -> Path:
+    """Download the files `names` of `ref` at `commit` (from the cache when there); returns their folder."""
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(ref):
+        return Path(snapshot_download(ref.repo_id, revision=commit, allow_patterns=names))
 
 
 def _index_tensors(source: ModelSource, files: list[SafetensorsFile | PickleFile]) -> None:
@@ -547,9 +569,14 @@ __all__ = [
     "CONFIG_METADATA_FIELDS",
     "ModelReference",
     "ModelSource",
+    "PickleFile",
     "SafetensorsFile",
+    "content_hash",
     "expected_keys",
+    "hub_errors",
+    "hub_listing",
     "hub_model_info",
+    "hub_snapshot",
     "looks_like_path",
     "open_source",
     "parse_reference",

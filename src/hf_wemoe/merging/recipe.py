@@ -23,7 +23,13 @@ from hf_wemoe.merging.base import MergeMethod
 from hf_wemoe.merging.registry import get_method, merge_methods
 
 # The allowed values are the model config's own, so the recipe cannot accept what the config refuses.
-from hf_wemoe.models.configuration_wemoe import RouterDepth, RoutingMode, TaskVectorDtype
+from hf_wemoe.models.configuration_wemoe import (
+    DEFAULT_MOE_MODULES,
+    MOE_MODULES,
+    RouterDepth,
+    RoutingMode,
+    TaskVectorDtype,
+)
 from hf_wemoe.utils.config_files import (
     describe_validation_error,
     flag_of,
@@ -33,6 +39,9 @@ from hf_wemoe.utils.config_files import (
 from hf_wemoe.utils.formatting import parse_size
 
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+# Options recorded in merge_config.yaml only when they differ from these values.
+_RECORDED_WHEN_SET: dict[str, Any] = {"rank": None, "moe_modules": list(DEFAULT_MOE_MODULES)}
+
 
 def _method_option(**extra: Any) -> dict[str, Any]:
     return {"method_option": True, **extra}
@@ -48,12 +57,47 @@ def parse_expert(text: str) -> tuple[str, str]:
     return name.strip(), ref.strip()
 
 
+def experts_from_list(value: Any) -> Any:
+    """Experts given as `NAME=REF` strings (flags, YAML lists) -> a name -> ref mapping; mappings pass through.
+
+    A pydantic `mode="before"` validator of every option that lists experts (merge, analyze).
+    """
+    if isinstance(value, (list, tuple)):
+        experts: dict[str, str] = {}
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError(f"expected NAME=REF strings or a NAME: REF mapping, got {item!r}")
+            try:
+                name, ref = parse_expert(item)
+            except WEMoEError as err:
+                raise ValueError(str(err)) from None
+            if name in experts:
+                raise ValueError(f"expert name '{name}' is given twice; expert names must be unique")
+            experts[name] = ref
+        return experts
+    return value
+
+
+def check_experts(experts: dict[str, str]) -> dict[str, str]:
+    """Expert names that are safe everywhere (folder names, config keys) and non-empty references."""
+    for name, ref in experts.items():
+        if not _EXPERT_NAME.match(name):
+            raise ValueError(
+                f"expert name {name!r} must start with a letter or digit and contain only letters, digits, "
+                "'_', '-' and '.'"
+            )
+        if not ref.strip():
+            raise ValueError(f"expert '{name}' has an empty reference")
+    return experts
+
+
 class MergeRecipe(BaseModel):
     """What a merge computes: sources, method and method options (`merge_config.yaml` holds exactly this).
 
     Method options (marked in their field metadata) apply only to the methods that declare them; giving one to
     another method is an error. `sparsity` and `shared_router` default to `None`, meaning the method's own
-    default (E-WEMoE: 0.9 and true).
+    default (E-WEMoE: 0.9 and true; with a `rank`, sparsity 0). `rank` (low-rank task vectors) and `moe_modules`
+    (which linear layers are routed, default fc1 and fc2) are written to `merge_config.yaml` only when set.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -72,7 +116,8 @@ class MergeRecipe(BaseModel):
     )
     experts: dict[str, str] = Field(
         default_factory=dict,
-        description="a fine-tuned expert as NAME=REF (REF as for --base); repeat once per expert, in routing "
+        description="an expert as NAME=REF (REF as for --base): a fine-tuned CLIP vision model, or a PEFT LoRA "
+        "adapter of the base (a folder or repo with adapter_config.json); repeat once per expert, in routing "
         "order. Given on the command line, these replace the experts of --config",
         json_schema_extra={"flag": "--expert", "metavar": "NAME=REF", "required": True},
     )
@@ -107,6 +152,26 @@ class MergeRecipe(BaseModel):
         description="sample: every input gets its own merged MLP; batch: routing weights are averaged over "
         "the batch",
         json_schema_extra=_method_option(),
+    )
+    rank: int | None = Field(
+        default=None,
+        ge=1,
+        description="store every routed task vector as its best rank-R factors (truncated SVD), applied as two "
+        "GEMMs per routed layer without merging weights per input; at most the smaller side of every routed "
+        "weight, not with --sparsity (e-wemoe then keeps its shared router and stores no sparse task vectors). "
+        "PEFT LoRA experts are stored exactly, as their own factors: a merge with LoRA experts is always low-rank, "
+        "with stored rank max(R, the LoRA ranks), and R applies to the full fine-tunes among the experts",
+        json_schema_extra=_method_option(
+            metavar="R",
+            default_text="full rank; with LoRA experts, the largest LoRA rank",
+        ),
+    )
+    moe_modules: list[str] | None = Field(
+        default=None,
+        description="the linear layers of every encoder layer that are routed, comma-separated, out of "
+        f"{','.join(MOE_MODULES)}; the others get task arithmetic. Route the modules your LoRA experts "
+        "adapt (e.g. q_proj,v_proj): see `hf-wemoe analyze`",
+        json_schema_extra=_method_option(metavar="M1,M2", default_text=",".join(DEFAULT_MOE_MODULES)),
     )
     task_vector_dtype: TaskVectorDtype = Field(
         default="float32",
@@ -155,34 +220,17 @@ class MergeRecipe(BaseModel):
     @field_validator("experts", mode="before")
     @classmethod
     def _experts_from_list(cls, value: Any) -> Any:
-        # Flags and YAML files may list experts as NAME=REF strings.
-        if isinstance(value, (list, tuple)):
-            experts: dict[str, str] = {}
-            for item in value:
-                if not isinstance(item, str):
-                    raise ValueError(f"expected NAME=REF strings or a NAME: REF mapping, got {item!r}")
-                try:
-                    name, ref = parse_expert(item)
-                except WEMoEError as err:
-                    raise ValueError(str(err)) from None
-                if name in experts:
-                    raise ValueError(f"expert name '{name}' is given twice; expert names must be unique")
-                experts[name] = ref
-            return experts
-        return value
+        return experts_from_list(value)
 
     @field_validator("experts")
     @classmethod
     def _check_experts(cls, experts: dict[str, str]) -> dict[str, str]:
-        for name, ref in experts.items():
-            if not _EXPERT_NAME.match(name):
-                raise ValueError(
-                    f"expert name {name!r} must start with a letter or digit and contain only letters, digits, "
-                    "'_', '-' and '.'"
-                )
-            if not ref.strip():
-                raise ValueError(f"expert '{name}' has an empty reference")
-        return experts
+        return check_experts(experts)
+
+    @field_validator("moe_modules", mode="before")
+    @classmethod
+    def _check_moe_modules(cls, value: Any) -> Any:
+        return None if value is None else parse_moe_modules(value)
 
     @field_validator("method")
     @classmethod
@@ -239,7 +287,14 @@ class MergeRecipe(BaseModel):
                 f"{', '.join(flag_of(MergeRecipe, name) for name in sorted(given))} {verb} not apply to --method "
                 f"{self.method} (its options: {uses})"
             )
+        if self.rank is not None and self.sparsity:
+            raise WEMoEError(
+                f"--rank {self.rank} and --sparsity {self.sparsity} are two ways to store task vectors compactly "
+                "(low-rank factors, or sparse entries); give one of them"
+            )
         updates = {name: value for name, value in method.defaults.items() if getattr(self, name) is None}
+        if self.rank is not None and self.sparsity is None and "sparsity" in method.parameters:
+            updates["sparsity"] = 0.0  # low-rank task vectors replace the method's sparse ones
         return self.model_copy(update=updates)
 
     def to_yaml_dict(self, base: str | None = None, experts: dict[str, str] | None = None) -> dict[str, Any]:
@@ -255,13 +310,38 @@ class MergeRecipe(BaseModel):
             "method": self.method,
         }
         for name in self.method_class.parameters:
-            recipe[name] = getattr(self, name)
+            value = getattr(self, name)
+            # Options added after 0.2 appear only when they change the merge, so earlier recipes stay as written.
+            if name in _RECORDED_WHEN_SET and value in (None, _RECORDED_WHEN_SET[name]):
+                continue
+            recipe[name] = value
         recipe["max_shard_size"] = self.max_shard_size
         if self.allow_pickle:
             recipe["allow_pickle"] = True
         if self.full_clip:
             recipe["full_clip"] = True
         return recipe
+
+
+def parse_moe_modules(value: Any) -> list[str]:
+    """`"q_proj,v_proj"`, `["q_proj", "v_proj"]` or repeated flags (`["q_proj,v_proj", "fc1"]`) -> the module
+    names in canonical order (attention projections, then the MLP); raises `ValueError` for unknown or repeated
+    names or none at all."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"expected module names separated by commas (e.g. q_proj,v_proj), got {value!r}")
+    names = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    if not names:
+        raise ValueError(f"name at least one module out of {','.join(MOE_MODULES)}")
+    unknown = [name for name in names if name not in MOE_MODULES]
+    if unknown:
+        raise ValueError(
+            f"unknown module '{unknown[0]}'; routable modules are {','.join(MOE_MODULES)} (e.g. q_proj,v_proj)"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"module '{repeated[0]}' is named twice")
+    return [name for name in MOE_MODULES if name in names]
 
 
 def is_method_option(name: str) -> bool:
@@ -280,6 +360,9 @@ def method_option_help(name: str) -> tuple[str, str | None]:
         return "", None
     users = [m for m in merge_methods().values() if name in m.parameters]
     note = f" [{', '.join(m.name for m in users)}]"
+    extra = MergeRecipe.model_fields[name].json_schema_extra
+    if isinstance(extra, dict) and extra.get("default_text"):
+        return note, str(extra["default_text"])
     if MergeRecipe.model_fields[name].default is None:
         return note, ", ".join(f"{_format(m.defaults.get(name))} for {m.name}" for m in users)
     return note, None
@@ -291,4 +374,12 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-__all__ = ["MergeRecipe", "is_method_option", "method_option_help", "parse_expert"]
+__all__ = [
+    "MergeRecipe",
+    "check_experts",
+    "experts_from_list",
+    "is_method_option",
+    "method_option_help",
+    "parse_expert",
+    "parse_moe_modules",
+]

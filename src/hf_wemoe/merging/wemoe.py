@@ -10,18 +10,20 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
-from hf_wemoe.io.sources import CONFIG_METADATA_FIELDS
+from hf_wemoe.io.adapters import AdapterSource
+from hf_wemoe.io.sources import CONFIG_METADATA_FIELDS, ModelSource
 from hf_wemoe.io.weights import check_finite
 from hf_wemoe.merging.base import OVERFLOW_HINT, MergeJob, MergeMethod
 from hf_wemoe.merging.static import task_arithmetic, task_vectors
 from hf_wemoe.models.configuration_wemoe import (
     ATTENTION_MODULES,
+    DEFAULT_MOE_MODULES,
     DEPRECATED_FIELD_NAMES,
     MLP_MODULES,
     MOE_MODULES,
@@ -255,7 +257,17 @@ class WEMoE(MergeMethod):
 
     name = "wemoe"
     summary = "weight-ensembling mixture of experts: routed MLPs, task arithmetic elsewhere"
-    parameters = ("scaling", "router_depth", "sparsity", "shared_router", "routing", "task_vector_dtype", "seed")
+    parameters = (
+        "scaling",
+        "router_depth",
+        "sparsity",
+        "rank",
+        "moe_modules",
+        "shared_router",
+        "routing",
+        "task_vector_dtype",
+        "seed",
+    )
     defaults: ClassVar[dict] = {"sparsity": 0.0, "shared_router": False}
     card_template = "wemoe.md"
     tags = ("wemoe", "mixture-of-experts")
@@ -263,6 +275,7 @@ class WEMoE(MergeMethod):
 
     def write(self, job: MergeJob, folder: Path) -> None:
         options = self.options
+        rank = self.stored_rank(job)
         config = wemoe_config(
             job.base.config,
             list(job.experts),
@@ -270,6 +283,8 @@ class WEMoE(MergeMethod):
             router_depth=options.router_depth,
             shared_router=options.shared_router,
             sparsity=options.sparsity,
+            rank=rank,
+            moe_modules=list(options.moe_modules or DEFAULT_MOE_MODULES),
             task_vector_dtype=options.task_vector_dtype,
             routing=options.routing,
             base_model_ref=job.base.reference.recorded,
@@ -281,13 +296,106 @@ class WEMoE(MergeMethod):
             torch.manual_seed(options.seed)
             model = WEMoECLIPVisionModel(config)
         experts = {name: source.get for name, source in job.experts.items()}
+        own_energies: dict[str, dict[str, float]] = {}
+        hooks = self._factor_hooks(job, config, own_energies) if rank is not None else None
+        energies: dict[str, list[float]] = {}
         keys = job.base.keys
         for key in job.progress(keys, self.name, len(keys)):
-            for name, tensor in upscale_tensors(config, [key], job.base.get, experts):
+            tensors = upscale_tensors(
+                config, [key], job.base.get, experts, expert_factors=hooks, energies=energies
+            )
+            for name, tensor in tensors:
                 load_upscaled_tensor(model, name, tensor)
+        if rank is not None:
+            model.config.provenance = {
+                **(config.provenance or {}),
+                "low_rank": self._low_rank_record(job, rank, energies, own_energies),
+            }
         # Like `build_wemoe`: the model takes the base checkpoint's dtype (task vectors keep their storage dtype).
         model = model.to(job.base.dtype(keys[0])).eval()
         model.save_pretrained(folder, max_shard_size=parse_size(options.max_shard_size))
+
+    def stored_rank(self, job: MergeJob) -> int | None:
+        """The rank the routed task vectors are stored at: max(`rank`, the LoRA experts' ranks), or None (full
+        rank) without a rank and without LoRA experts."""
+        ranks = [source.rank for source in job.experts.values() if isinstance(source, AdapterSource)]
+        if self.options.rank is not None:
+            ranks.append(self.options.rank)
+        return max(ranks) if ranks else None
+
+    def _factor_hooks(
+        self, job: MergeJob, config: WEMoECLIPVisionConfig, energies: dict[str, dict[str, float]]
+    ) -> dict[str, FactorGetter]:
+        """Per expert, the factors `upscale_tensors` stores for its routed weights instead of an SVD at the stored
+        rank: a LoRA expert's own (exact, zero for routed weights it does not adapt, its B·A elsewhere); a full
+        fine-tune's truncated to `rank` when that is below the stored rank (their kept energy goes to
+        `energies[key][expert]`)."""
+        moe_layers = set(config.moe_layer_indices)
+
+        def routed(key: str) -> bool:
+            found = routed_tensor(key, config.moe_modules)
+            return found is not None and found[0] in moe_layers and key.endswith(".weight")
+
+        def lora_hook(source: AdapterSource) -> FactorGetter:
+            def factors(key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+                pair = source.factors(key)
+                if pair is None and routed(key):
+                    out_features, in_features = job.base.shape(key)
+                    return torch.zeros(1, in_features), torch.zeros(out_features, 1)
+                return pair
+
+            return factors
+
+        def truncated_hook(name: str, source: ModelSource, rank: int) -> FactorGetter:
+            def factors(key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+                if not routed(key):
+                    return None
+                delta = source.get(key).float() - job.base.get(key).float()
+                a, b, kept = low_rank_factors(delta, rank)
+                energies.setdefault(key, {})[name] = kept
+                return a, b
+
+            return factors
+
+        hooks: dict[str, FactorGetter] = {}
+        stored = self.stored_rank(job)
+        for name, source in job.experts.items():
+            if isinstance(source, AdapterSource):
+                hooks[name] = lora_hook(source)
+            elif self.options.rank is not None and self.options.rank < (stored or 0):
+                hooks[name] = truncated_hook(name, source, self.options.rank)
+        return hooks
+
+    def _low_rank_record(
+        self,
+        job: MergeJob,
+        rank: int,
+        energies: dict[str, list[float]],
+        own_energies: dict[str, dict[str, float]],
+    ) -> dict[str, Any]:
+        """`provenance["low_rank"]`: the stored rank, each expert's kind and rank, and per encoder layer the mean
+        over its routed weights of the share of each expert's task-vector energy the factors keep."""
+        names = list(job.experts)
+        per_layer: dict[int, dict[str, list[float]]] = {}
+        for key, kept in energies.items():
+            layer = int(key.split(".")[2])
+            for name, value in zip(names, kept):
+                value = own_energies.get(key, {}).get(name, value)
+                per_layer.setdefault(layer, {}).setdefault(name, []).append(float(value))
+        experts = {
+            name: {"kind": "lora", "rank": source.rank}
+            if isinstance(source, AdapterSource)
+            else {"kind": "full", "rank": self.options.rank or rank}
+            for name, source in job.experts.items()
+        }
+        return {
+            "rank": rank,
+            "experts": experts,
+            "kept_energy": {
+                str(layer): {name: sum(values) / len(values) for name, values in by_expert.items()}
+                for layer, by_expert in sorted(per_layer.items())
+            },
+        }
 
 
 class EWEMoE(WEMoE):

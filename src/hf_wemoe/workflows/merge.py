@@ -19,12 +19,14 @@ from typing import Any
 from hf_wemoe.calibration import CalibrationSummary, check_calibration
 from hf_wemoe.errors import IncompatibleModelsError, WEMoEError
 from hf_wemoe.hub.cards import merge_card
+from hf_wemoe.io.adapters import AdapterSource, module_weight_key, open_expert
 from hf_wemoe.io.layout import CARD_NAME, MERGE_CONFIG_NAME, PREPROCESSOR_NAME
 from hf_wemoe.io.outputs import atomic_output_dir, check_output_dir
 from hf_wemoe.io.sources import ModelSource, open_source, parse_reference
 from hf_wemoe.io.weights import count_parameters, folder_size
 from hf_wemoe.merging.base import MergeJob, Progress
 from hf_wemoe.merging.recipe import MergeRecipe
+from hf_wemoe.models.configuration_wemoe import DEFAULT_MOE_MODULES, MOE_MODULES
 from hf_wemoe.utils.config_files import dump_yaml
 from hf_wemoe.utils.formatting import format_size, parse_size
 from hf_wemoe.utils.progress import progress, progress_enabled, quiet_libraries
@@ -79,10 +81,15 @@ def merge_progress(show: bool | None = None) -> Progress:
     return report
 
 
-def check_compatible(base: ModelSource, experts: dict[str, ModelSource]) -> None:
-    """Raise `IncompatibleModelsError` (naming the tensor or config field) unless every expert matches the base."""
+def check_compatible(base: ModelSource, experts: dict[str, ModelSource | AdapterSource]) -> None:
+    """Raise `IncompatibleModelsError` (naming the tensor or config field) unless every expert matches the base.
+
+    LoRA adapters were checked against the base when they were opened (`open_expert`): they have its tensors.
+    """
     base_keys = set(base.keys)
     for name, expert in experts.items():
+        if isinstance(expert, AdapterSource):
+            continue
         expert_keys = set(expert.keys)
         for key in base.keys:
             if key not in expert_keys:
@@ -109,6 +116,62 @@ def check_compatible(base: ModelSource, experts: dict[str, ModelSource]) -> None
                     f"expert '{name}' ({expert.reference.text}) has {field}={theirs!r}, the base has {ours!r}; "
                     "experts must be fine-tuned from the same architecture as the base"
                 )
+
+
+def low_rank_options(
+    options: MergeRecipe,
+    base: ModelSource,
+    experts: dict[str, ModelSource | AdapterSource],
+    sparsity_given: bool = False,
+) -> MergeRecipe:
+    """The resolved recipe of a WEMoE merge with its rank settled by the experts, checked against the base.
+
+    With PEFT LoRA experts a merge is low-rank: `rank` (what the full fine-tunes among the experts are truncated
+    to) defaults to the largest LoRA rank, and sparsity is off. The stored rank is then max(rank, LoRA ranks)
+    (see `WEMoE.write`). Static methods pass through unchanged (LoRA experts are merged into the base weights).
+
+    Raises:
+        WEMoEError: --sparsity with LoRA experts; routed modules that no expert changes (all experts are LoRA
+            adapters of other modules; the message names `--moe-modules` for theirs); a rank larger than a routed
+            weight allows (names the tensor).
+    """
+    if not options.method_class.is_moe:
+        return options
+    adapters = [source for source in experts.values() if isinstance(source, AdapterSource)]
+    modules = options.moe_modules or list(DEFAULT_MOE_MODULES)
+    if adapters:
+        if sparsity_given and options.sparsity:
+            raise WEMoEError(
+                f"--sparsity {options.sparsity} does not apply to a merge with LoRA experts, which are stored as "
+                "their exact low-rank factors; drop --sparsity (or use --rank for the full fine-tunes)"
+            )
+        if len(adapters) == len(experts) and not any(set(a.targets) & set(modules) for a in adapters):
+            adapted = [name for name in MOE_MODULES if any(name in a.targets for a in adapters)]
+            raise WEMoEError(
+                f"no expert changes the routed modules ({','.join(modules)}): the LoRA experts adapt "
+                f"{','.join(adapted)} only; route those with --moe-modules {','.join(adapted)}"
+            )
+        options = options.model_copy(
+            update={"rank": options.rank or max(a.rank for a in adapters), "sparsity": 0.0}
+        )
+    if options.rank is None:
+        return options
+    for module in modules:
+        key = module_weight_key(0, module)
+        out_features, in_features = base.shape(key)
+        limit = min(out_features, in_features)
+        for name, source in experts.items():
+            if isinstance(source, AdapterSource) and source.rank > limit:
+                raise WEMoEError(
+                    f"expert '{name}' has LoRA rank {source.rank}, larger than the routed tensor '{key}' "
+                    f"({out_features}x{in_features}) can store (at most {limit}); route other modules"
+                )
+        if options.rank > limit:
+            raise WEMoEError(
+                f"--rank {options.rank} is larger than the routed tensor '{key}' ({out_features}x{in_features}) "
+                f"allows: at most {limit}"
+            )
+    return options
 
 
 def run_merge(
@@ -140,7 +203,7 @@ def run_merge(
     if output is None:
         raise WEMoEError("no output folder: pass --output DIR")
     output = Path(output).expanduser().absolute()
-    _check_output(output, options, overwrite)
+    check_output_beside_sources(output, [options.base, *options.experts.values()], overwrite)
     show_progress = progress_enabled(show_progress)
     if calibration is not None:
         _check_calibration(options, calibration)
@@ -149,9 +212,11 @@ def run_merge(
         calibration_data = load_calibration_data(calibration.datasets) if calibration is not None else None
         base = open_source(options.base, allow_pickle=options.allow_pickle)
         experts = {
-            name: open_source(ref, allow_pickle=options.allow_pickle) for name, ref in options.experts.items()
+            name: open_expert(ref, base, allow_pickle=options.allow_pickle)
+            for name, ref in options.experts.items()
         }
         check_compatible(base, experts)
+        options = low_rank_options(options, base, experts, sparsity_given=recipe.sparsity is not None)
         if options.full_clip:
             check_full_clip_base(base)
         recorded = options.to_yaml_dict(
@@ -234,11 +299,11 @@ def _check_calibration(options: MergeRecipe, calibration: CalibrationRequest) ->
     )
 
 
-def _check_output(output: Path, options: MergeRecipe, overwrite: bool) -> None:
+def check_output_beside_sources(output: Path, refs: Iterable[str], overwrite: bool) -> None:
     """Refuse an existing output without overwrite, a file in the way, a place where nothing can be written, or an
-    output that holds a source."""
+    output that holds one of the source references `refs` (it would be replaced)."""
     check_output_dir(output, overwrite)
-    for ref in [options.base, *options.experts.values()]:
+    for ref in refs:
         try:
             parsed = parse_reference(ref)
         except WEMoEError:
@@ -249,4 +314,11 @@ def _check_output(output: Path, options: MergeRecipe, overwrite: bool) -> None:
             )
 
 
-__all__ = ["MergeSummary", "check_compatible", "merge_progress", "run_merge"]
+__all__ = [
+    "MergeSummary",
+    "check_compatible",
+    "check_output_beside_sources",
+    "low_rank_options",
+    "merge_progress",
+    "run_merge",
+]

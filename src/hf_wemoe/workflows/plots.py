@@ -96,3 +96,49 @@ def _plot_trajectory(figure, trajectory: list[dict], tasks: list[str], expert_na
     handles, labels = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside right center", fontsize=7)
     figure.suptitle("routing over the adaptation steps (the task's own expert drawn thick)", fontsize=10)
+
+
+def plot_task_vector_analysis(analysis: dict, path: str | Path) -> Path:
+    """Write a PNG of an `hf-wemoe analyze` result: one column per module (q_proj ... fc2), the relative size
+    ‖τ‖/‖W0‖ (top) and the rank that keeps the analysed energy fraction (bottom) against the layer, one line per
+    expert.
+
+    `analysis` is `AnalyzeSummary.to_json()`: `{"experts": {name: ...}, "energy": e, "modules": [{"layer",
+    "module", "shape", "relative_norm": {name: x}, "rank": {name: r}}, ...]}`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    records = analysis["modules"]
+    experts = list(analysis["experts"])
+    modules = list(dict.fromkeys(record["module"] for record in records))
+    colours = plt.get_cmap("tab10" if len(experts) <= 10 else "tab20")
+    figure, axes = plt.subplots(
+        2, len(modules), figsize=(2.6 * len(modules) + 1.5, 5.2), squeeze=False, constrained_layout=True
+    )
+    for column, module in enumerate(modules):
+        rows = [record for record in records if record["module"] == module]
+        layers = [record["layer"] for record in rows]
+        for index, expert in enumerate(experts):
+            colour = colours(index % colours.N)
+            axes[0, column].plot(layers, [r["relative_norm"][expert] for r in rows], color=colour, label=expert)
+            axes[1, column].plot(layers, [r["rank"][expert] for r in rows], color=colour, label=expert)
+        axes[1, column].plot(layers, [min(r["shape"]) for r in rows], color="grey", ls=":", lw=0.8, label="max")
+        axes[0, column].set_title(module, fontsize=10)
+        axes[1, column].set_xlabel("layer", fontsize=8)
+        for axis in axes[:, column]:
+            axis.tick_params(labelsize=7)
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.set_ylim(bottom=0)
+    axes[0, 0].set_ylabel("‖τ‖ / ‖W0‖", fontsize=8)
+    axes[1, 0].set_ylabel(f"rank keeping {100 * analysis['energy']:.4g}% of ‖τ‖²", fontsize=8)
+    handles, labels = axes[1, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right center", fontsize=7)
+    figure.suptitle("Task vectors per layer and module: size and rank", fontsize=10)
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
