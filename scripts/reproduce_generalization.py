@@ -12,7 +12,7 @@ Splits (--split): the papers' 1 holds out mnist and eurosat, 2 holds out resisc4
 holds out digits and scenes (the toy analogues of MNIST and EuroSAT), 2 arrows and textures. --unseen names any
 other tasks to hold out.
 
-  python scripts/reproduce_generalization.py --toy full --output generalization-toy   # offline; ~4 min, 2 cores
+  python scripts/reproduce_generalization.py --toy full --output generalization-toy   # offline; ~2.5 min on 2 CPU cores
   python scripts/reproduce_generalization.py --model base-patch32 --split 1            # the Hub; a GPU
 
 Needs, with --model: the Hub (the base and the seen tasks' experts: about 2.3 GB for base-patch32 or base-patch16,
@@ -37,6 +37,7 @@ from reproduction import (  # noqa: E402
     datasets_note,
     experiment_options,
     finish,
+    gpu_estimate,
     is_toy,
     load_zoo,
     make_parser,
@@ -44,7 +45,7 @@ from reproduction import (  # noqa: E402
     run_main,
 )
 
-__doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}"
+__doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}\n{gpu_estimate(2, 6)}"
 
 HUB_LR = 2e-3  # the original code's learning rate for the generalization runs
 METHODS = ("pretrained", "individual", "average", "task-arithmetic", "ties", "wemoe", "e-wemoe")

@@ -15,7 +15,7 @@ Tasks: on the Hub stanford-cars, eurosat, resisc45, gtsrb (`tanganke/<dataset>#<
 digits, shapes, arrows, textures (the four whose experts matter most), their test splits corrupted by
 `hf_wemoe.toy.corruptions` at --severity (default 3 of 5), built beside the zoo on first use.
 
-  python scripts/reproduce_robustness.py --toy full --output robustness-toy    # offline; ~9 min on 2 CPU cores
+  python scripts/reproduce_robustness.py --toy full --output robustness-toy    # offline; ~9.5 min on 2 CPU cores
   python scripts/reproduce_robustness.py --model base-patch32                   # the Hub; a GPU
   python scripts/reproduce_robustness.py --model base-patch32 --corruptions clean,impulse_noise
 
@@ -41,6 +41,7 @@ from reproduction import (  # noqa: E402
     add_world_arguments,
     experiment_options,
     finish,
+    gpu_estimate,
     is_toy,
     load_zoo,
     make_parser,
@@ -49,7 +50,7 @@ from reproduction import (  # noqa: E402
     run_main,
 )
 
-__doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}"
+__doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}\n{gpu_estimate(16, 4)}"
 
 METHODS = ("task-arithmetic", "wemoe", "e-wemoe")
 # Reported average accuracy (%, ViT-B/32, Hugging Face checkpoints, four tasks) per test condition.

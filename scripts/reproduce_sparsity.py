@@ -10,7 +10,7 @@ references. The summary shows per point the average accuracy, the stored paramet
 (safetensors bytes, also as a fraction of dense WEMoE's), next to the reported average where the papers give one;
 `sparsity.png` in --output draws accuracy and saved size against sparsity with the references as lines.
 
-  python scripts/reproduce_sparsity.py --toy full --output sparsity-toy     # offline; ~8 min on 2 CPU cores
+  python scripts/reproduce_sparsity.py --toy full --output sparsity-toy     # offline; ~9 min on 2 CPU cores
   python scripts/reproduce_sparsity.py --model base-patch32                  # the Hub; a GPU
   python scripts/reproduce_sparsity.py --model large-patch14 --sparsity 0.9,0.99 --oracle
 
@@ -36,6 +36,7 @@ from reproduction import (  # noqa: E402
     datasets_note,
     experiment_options,
     finish,
+    gpu_estimate,
     is_toy,
     load_zoo,
     make_parser,
@@ -43,7 +44,7 @@ from reproduction import (  # noqa: E402
     run_main,
 )
 
-__doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}"
+__doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}\n{gpu_estimate(7, 8)}"
 
 # Reported E-WEMoE average accuracy (%, TA8, Hugging Face checkpoints, shared router) per sparsity: the papers give
 # 0.9 exactly (E-WEMoE-90%) and say the curve is flat at about the same value up to 0.95; at 0.99 only ViT-L/14's
@@ -120,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         task_arithmetic=arithmetic.average,
         title=f"E-WEMoE against sparsity: {world}",
     )
+    where = f" at {zoo.root}" if is_toy(args) else ""
     note = (
-        f"E-WEMoE sparsity sweep, {world}{f' at {zoo.root}' if is_toy(args) else ''}; tasks: {', '.join(suite.task_names)}; {adaptation_note(args)}. "
+        f"E-WEMoE sparsity sweep, {world}{where}; tasks: {', '.join(suite.task_names)}; {adaptation_note(args)}. "
         "Saved size: the safetensors files of each merge. Reported: the papers' E-WEMoE average at 0.9, and the "
         f"value they report the curve flat at elsewhere. Plot: sparsity.png.\n\n{datasets_note(suite)}"
     )

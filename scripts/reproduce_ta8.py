@@ -28,12 +28,13 @@ from reproduction import (  # noqa: E402
     add_run_arguments,
     experiment_options,
     finish,
+    gpu_estimate,
     make_parser,
     names,
     run_main,
 )
 
-__doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}"
+__doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}\n{gpu_estimate(2, 8)}"
 
 # Reported average accuracy (%) over the eight tasks, Hugging Face checkpoints.
 REPORTED = {

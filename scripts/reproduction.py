@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,9 +32,26 @@ HUB_STEPS = 1000
 GPU_TIME = """\
 GPU time (not measured by this project, which had no GPU: scaled from the papers' reference figure of 15-20 min per
 1000 ViT-B/32 steps on 8 tasks, and by compute for the other sizes): per 1000 steps on 8 tasks about 15-20 min
-(base-patch32), 1-1.5 h (base-patch16), 4-5 h (large-patch14); adaptation time grows with the number of tasks.
-Evaluating one model on the full test splits is a few minutes per size step. On 2 CPU cores one ViT-B/32 step of
-8 x 16 images takes 42 s (BENCHMARKS.md), 1000 steps about 12 h: use the toy zoo (--toy) there."""
+(base-patch32), 1-1.5 h (base-patch16), 4-5 h (large-patch14); a step's time grows with the number of tasks (16
+images each). On 2 CPU cores one ViT-B/32 step of 8 x 16 images takes 42 s (BENCHMARKS.md), 1000 steps about 12 h:
+use the toy zoo (--toy) there."""
+# Minutes per 1000 steps on 8 tasks (the estimate above), per model size.
+_MINUTES = {"base-patch32": (15, 20), "base-patch16": (60, 90), "large-patch14": (240, 300)}
+
+
+def gpu_estimate(adaptations: int, tasks: int) -> str:
+    """A sentence for --help: the estimated GPU time of `adaptations` runs of 1000 steps on `tasks` tasks."""
+    parts = []
+    for model, (low, high) in _MINUTES.items():
+        scale = adaptations * tasks / 8
+        low_h, high_h = low * scale / 60, high * scale / 60
+        span = f"{low * scale:.0f}-{high * scale:.0f} min" if high_h < 1.5 else f"{low_h:.1f}-{high_h:.1f} h"
+        parts.append(f"{span} ({model})")
+    text = (
+        f"This script's default run adapts {adaptations} merges on {tasks} tasks for 1000 steps: about "
+        + ", ".join(parts) + " of adaptation, plus the evaluations."
+    )
+    return textwrap.fill(text, width=115)
 
 
 def make_parser(script: str, doc: str) -> OptionParser:

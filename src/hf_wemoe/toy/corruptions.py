@@ -39,7 +39,7 @@ from PIL import Image, ImageFilter
 
 from hf_wemoe.errors import WEMoEError
 from hf_wemoe.io.outputs import atomic_output_dir
-from hf_wemoe.utils.progress import progress_bar
+from hf_wemoe.utils.progress import progress_bar, quiet_libraries
 
 if TYPE_CHECKING:
     from hf_wemoe.toy.manifest import ZooManifest
@@ -233,5 +233,6 @@ def _write_corrupted(zoo: ZooManifest, task: str, severity: int, folder: Path, p
             splits[kind] = datasets.Dataset.from_dict(
                 {"image": corrupted, "label": labels}, features=test.features, info=test.info
             )
-    with atomic_output_dir(folder, overwrite=True) as staging:
+    # datasets' own "Saving the dataset" bars follow the package's progress policy (none in a log, none when quiet).
+    with quiet_libraries(progress, datasets=True), atomic_output_dir(folder, overwrite=True) as staging:
         datasets.DatasetDict(splits).save_to_disk(str(staging))
