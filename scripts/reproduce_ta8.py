@@ -10,18 +10,30 @@ zero-shot heads from the pretrained CLIP text tower, and prints the table next t
     python scripts/reproduce_ta8.py --tasks mnist,svhn --steps 200        # a quick subset
 
 It needs network access to the Hub (about 3 GB of checkpoints and 10 GB of datasets for ViT-B/32) and a GPU
-for reasonable run times; `--device cpu` works but is slow.
+for reasonable run times; `--device cpu` works but is slow. The offline version, on the toy zoo, is `hf-wemoe demo`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+import time
 from pathlib import Path
 
-from hf_wemoe.adaptation import TrainOptions
-from hf_wemoe.workflows.experiment import ExperimentOptions, results_markdown, run_experiment, save_results
-from hf_wemoe.workflows.suites import TA8_DATASETS, ta8_suite
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared module, reproduction.py
+
+from reproduction import (  # noqa: E402
+    GPU_TIME,
+    adaptation_note,
+    add_adaptation_arguments,
+    add_run_arguments,
+    experiment_options,
+    finish,
+    make_parser,
+    names,
+    run_main,
+)
+
+__doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}"
 
 # Reported average accuracy (%) over the eight tasks, Hugging Face checkpoints.
 REPORTED = {
@@ -34,57 +46,30 @@ REPORTED = {
 }  # fmt: skip
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args(argv: list[str] | None):
+    from hf_wemoe.workflows.suites import TA8_DATASETS
+
+    parser = make_parser(__file__, __doc__)
     parser.add_argument(
         "--model", choices=sorted(REPORTED), default="base-patch32", help="CLIP size (default: %(default)s)"
     )
     parser.add_argument(
-        "--tasks", default=",".join(TA8_DATASETS), help="comma-separated subset of the 8 tasks"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=1000, help="router adaptation steps (default: %(default)s)"
-    )
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
-    parser.add_argument(
-        "--batch-size-per-task", type=int, default=16, help="images per task and step (default: %(default)s)"
-    )
-    parser.add_argument("--eval-batch-size", type=int, default=128, help="(default: %(default)s)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument(
-        "--workdir", type=Path, default=Path("ta8-work"), help="merged models (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--output", type=Path, default=Path("ta8-results"), help="results.md/json (default: %(default)s)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = sorted(set(args.tasks) - set(TA8_DATASETS))
-    if unknown:
-        parser.error(f"unknown task(s) {unknown}; choose from {list(TA8_DATASETS)}")
-    return args
+        "--tasks", type=names, default=list(TA8_DATASETS), metavar="T,T,...",
+        help="comma-separated subset of the 8 tasks (default: all)",
+    )  # fmt: skip
+    add_adaptation_arguments(parser)
+    add_run_arguments(parser, "ta8")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hf_wemoe.workflows.experiment import DEFAULT_METHODS, run_experiment
+    from hf_wemoe.workflows.suites import ta8_suite
+
+    started = time.perf_counter()
     args = parse_args(argv)
     suite = ta8_suite(args.model, args.tasks)
-    options = ExperimentOptions(
-        train=TrainOptions(  # the papers' objective, as they ran it
-            steps=args.steps,
-            lr=args.lr,
-            batch_size_per_task=args.batch_size_per_task,
-            objective="entropy",
-            routing_loss=0.0,
-        ),
-        eval_batch_size=args.eval_batch_size,
-        device=args.device,
-        progress=False if args.quiet else None,
-    )
-    rows = run_experiment(suite, args.workdir, options)
-    table = results_markdown(rows, suite.task_names)
+    rows = run_experiment(suite, args.workdir, experiment_options(args, DEFAULT_METHODS))
     reported = REPORTED[args.model]
     comparison = ["| method | measured average | reported average (8 tasks) |", "|---|---:|---:|"]
     for row in rows:
@@ -92,17 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         comparison.append(
             f"| {row.method} | {row.average:.1f} | {'–' if paper is None else f'{paper:.1f}'} |"
         )
-    note = (
-        f"{suite.name}, tasks: {', '.join(suite.task_names)}; adaptation: {args.steps} steps, lr {args.lr}, "
-        f"{args.batch_size_per_task} images per task and step; routing: per sample."
-    )
-    save_results(rows, suite.task_names, args.output, preamble=note + "\n\n" + "\n".join(comparison))
-    print(table)
-    print()
-    print("\n".join(comparison))
-    print(f"\nresults written to {args.output}/results.md and results.json")
+    note = f"{suite.name}, tasks: {', '.join(suite.task_names)}; {adaptation_note(args)}."
+    finish(rows, suite.task_names, args.output, note, "\n".join(comparison), started)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, None))

@@ -142,3 +142,45 @@ def plot_task_vector_analysis(analysis: dict, path: str | Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_sparsity(
+    sparsities: list[float],
+    accuracy: list[float],
+    saved_bytes: list[int],
+    path: str | Path,
+    dense: tuple[float, int] | None = None,
+    task_arithmetic: float | None = None,
+    title: str = "E-WEMoE against task-vector sparsity",
+) -> Path:
+    """Write a PNG with two panels against sparsity (one evenly spaced tick per point): E-WEMoE's average
+    accuracy, and its saved size in MB; `dense` (WEMoE's accuracy and saved bytes) and `task_arithmetic` (its
+    accuracy) are drawn as horizontal reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    positions = list(range(len(sparsities)))
+    labels = [f"{value:g}" for value in sparsities]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.6), constrained_layout=True)
+    left.plot(positions, accuracy, marker="o", color="tab:blue", label="E-WEMoE (shared router)")
+    if dense is not None:
+        left.axhline(dense[0], color="tab:green", ls="--", label=f"WEMoE dense ({dense[0]:.1f})")
+        right.axhline(dense[1] / 1e6, color="tab:green", ls="--", label="WEMoE dense")
+    if task_arithmetic is not None:
+        left.axhline(task_arithmetic, color="tab:gray", ls=":", label=f"task arithmetic ({task_arithmetic:.1f})")
+    left.set_ylabel("average accuracy (%)")
+    right.plot(positions, [value / 1e6 for value in saved_bytes], marker="o", color="tab:orange", label="E-WEMoE")
+    right.set_ylabel("saved size (MB, safetensors)")
+    right.set_ylim(bottom=0)
+    for axis in (left, right):
+        axis.set_xticks(positions, labels)
+        axis.set_xlabel("sparsity (fraction of every MLP task vector removed)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

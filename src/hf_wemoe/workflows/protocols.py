@@ -1,0 +1,213 @@
+"""The papers' other experiments, run by `run_experiment` like the demo and TA8: the E-WEMoE sparsity sweep,
+generalization to unseen tasks and robustness to corrupted test data (`scripts/reproduce_sparsity.py`,
+`reproduce_generalization.py`, `reproduce_robustness.py`). Each function returns rows of the common schema
+(`ResultRow`, saved with `save_results`); each `*_table` is the protocol's summary next to reported numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from hf_wemoe.errors import WEMoEError
+from hf_wemoe.utils.formatting import format_size
+from hf_wemoe.workflows.experiment import (
+    ExperimentOptions,
+    MergeSpec,
+    ResultRow,
+    format_count,
+    run_experiment,
+)
+from hf_wemoe.workflows.suites import Suite, check_condition
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sparsity sweep
+
+SPARSITY_POINTS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
+# The references drawn next to the sweep: dense WEMoE (a router per layer) and task arithmetic.
+SWEEP_REFERENCES = ("task-arithmetic", "wemoe")
+
+
+def sparsity_label(sparsity: float) -> str:
+    """The row name of E-WEMoE at one sparsity, e.g. `e-wemoe (sparsity 0.9)`."""
+    return f"e-wemoe (sparsity {sparsity:g})"
+
+
+def check_sparsities(sparsities: Sequence[float]) -> list[float]:
+    """The sweep's points, or a `WEMoEError` for none, a repeated one or one outside [0, 1)."""
+    points = [float(value) for value in sparsities]
+    if not points:
+        raise WEMoEError("no sparsity given; e.g. --sparsity 0.0,0.5,0.9")
+    bad = [value for value in points if not 0.0 <= value < 1.0]
+    if bad:
+        raise WEMoEError(f"sparsity must be in [0, 1) (the fraction of each task vector removed), got {bad}")
+    if len(set(points)) != len(points):
+        raise WEMoEError(f"a sparsity is given twice in {points}")
+    return points
+
+
+def run_sparsity_sweep(
+    suite: Suite,
+    workdir: str | Path,
+    sparsities: Sequence[float] = SPARSITY_POINTS,
+    options: ExperimentOptions | None = None,
+    oracle: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[ResultRow]:
+    """E-WEMoE (shared router, sparse task vectors) at every sparsity, with task arithmetic and dense WEMoE as
+    references; every merge's rows carry its parameters and saved size. `oracle` adds each MoE merge's own
+    oracle-routing bound (what routing can reach with the task vectors as pruned)."""
+    points = check_sparsities(sparsities)
+    methods: list[str | MergeSpec] = [*SWEEP_REFERENCES]
+    methods += [MergeSpec("e-wemoe", {"sparsity": value}, sparsity_label(value)) for value in points]
+    methods += ["oracle"] if oracle else []
+    options = replace(options or ExperimentOptions(), methods=methods, record_size=True)
+    return run_experiment(suite, workdir, options, log)
+
+
+def sparsity_table(
+    rows: Sequence[ResultRow], sparsities: Sequence[float], reported: Mapping[float, float] | None = None
+) -> str:
+    """Average accuracy, parameters and saved size of E-WEMoE against sparsity (one line per point and
+    adaptation), then the references, with the reported average where the papers give one."""
+    reported = reported or {}
+    per_task = [row for row in rows if row.stream == "per task"]
+    dense = next((row for row in per_task if row.method == "wemoe"), None)
+    lines = [
+        "| method | sparsity | adaptation | average | own oracle bound | parameters | saved size | size vs dense "
+        "WEMoE | reported average |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    bounds = {row.method: row for row in rows if row.method.startswith("oracle routing (")}
+
+    def line(row: ResultRow, sparsity: str, paper: float | None) -> str:
+        bound = bounds.get(f"oracle routing ({row.method} bound)")
+        ratio = (
+            f"{row.saved_bytes / dense.saved_bytes:.2f}×"
+            if dense is not None and dense.saved_bytes and row.saved_bytes is not None
+            else "–"
+        )
+        return (
+            f"| {row.method} | {sparsity} | {row.adaptation or '–'} | {row.average:.1f} | "
+            f"{'–' if bound is None else f'{bound.average:.1f}'} | {format_count(row.parameters)} | "
+            f"{'–' if row.saved_bytes is None else format_size(row.saved_bytes)} | {ratio} | "
+            f"{'–' if paper is None else f'{paper:.1f}'} |"
+        )
+
+    for value in sparsities:
+        for row in per_task:
+            if row.method == sparsity_label(value):
+                lines.append(line(row, f"{value:g}", reported.get(value)))
+    for row in per_task:
+        if row.method in SWEEP_REFERENCES:
+            lines.append(line(row, "0 (dense)" if row.method == "wemoe" else "–", None))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generalization
+
+
+def generalization_table(
+    rows: Sequence[ResultRow], unseen: Sequence[str], reported: Mapping[str, Mapping[str, float]] | None = None
+) -> str:
+    """Seen average, every unseen task and the unseen average per row, next to the reported ones (`reported`:
+    method -> {"seen": ..., "unseen": ..., <task>: ...})."""
+    reported = reported or {}
+    lines = [
+        "| method | adaptation | seen average | " + " | ".join(f"{t} (unseen)" for t in unseen)
+        + " | unseen average | reported seen | reported unseen |",
+        "|---|---|" + "---:|" * (len(unseen) + 4),
+    ]
+    for row in rows:
+        if row.stream != "per task":
+            continue
+        paper = reported.get(row.method, {})
+        cells = [_cell(row.seen_average)] + [_cell(row.accuracy.get(t)) for t in unseen]
+        cells += [_cell(row.unseen_average), _cell(paper.get("seen")), _cell(paper.get("unseen"))]
+        lines.append(f"| {row.method} | {row.adaptation or '–'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Robustness
+
+
+def run_robustness(
+    suite_for: Callable[[str], Suite],
+    conditions: Sequence[str],
+    workdir: str | Path,
+    options: ExperimentOptions,
+    log: Callable[[str], None] = print,
+) -> list[ResultRow]:
+    """Run the experiment once per test condition (`clean` or a corruption): `suite_for(condition)` gives the
+    suite whose test splits are that condition's, on which the routers are adapted and every model evaluated.
+    Rows carry their condition as `split`."""
+    for condition in conditions:
+        check_condition(condition)
+    if len(set(conditions)) != len(conditions):
+        raise WEMoEError(f"a corruption is given twice in {list(conditions)}")
+    rows: list[ResultRow] = []
+    for condition in conditions:
+        log(f"=== test split: {condition}")
+        for row in run_experiment(suite_for(condition), Path(workdir) / condition, options, log):
+            row.split = condition
+            rows.append(row)
+    return rows
+
+
+def robustness_table(
+    rows: Sequence[ResultRow],
+    conditions: Sequence[str],
+    reported: Mapping[str, Mapping[str, float]] | None = None,
+) -> str:
+    """Average accuracy per method (rows) and test condition (columns), the reported averages below each method
+    measured; a cell where the adaptation monitor saw a task collapse names it (`!`), and the lowest task of
+    each cell is listed, so a collapse under heavy noise shows in the summary too."""
+    reported = reported or {}
+    lines = [
+        "| method | adaptation | " + " | ".join(conditions) + " |",
+        "|---|---|" + "---:|" * len(conditions),
+    ]
+    keys: list[tuple[str, str | None]] = []
+    for row in rows:
+        if row.stream == "per task" and (row.method, row.adaptation) not in keys:
+            keys.append((row.method, row.adaptation))
+    for method, adaptation in keys:
+        cells = []
+        for condition in conditions:
+            row = next(
+                (r for r in rows if (r.method, r.adaptation, r.split, r.stream) ==
+                 (method, adaptation, condition, "per task")),
+                None,
+            )  # fmt: skip
+            if row is None:
+                cells.append("–")
+                continue
+            worst = min(row.accuracy, key=row.accuracy.get)
+            collapsed = f", collapsed: {', '.join(row.collapsed)}!" if row.collapsed else ""
+            cells.append(f"{row.average:.1f} (min {worst} {row.accuracy[worst]:.1f}{collapsed})")
+        lines.append(f"| {method} | {adaptation or '–'} | " + " | ".join(cells) + " |")
+        if method in reported:
+            paper = reported[method]
+            lines.append(
+                f"| {method}, reported | – | " + " | ".join(_cell(paper.get(c)) for c in conditions) + " |"
+            )
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+__all__ = [
+    "SPARSITY_POINTS",
+    "SWEEP_REFERENCES",
+    "check_sparsities",
+    "generalization_table",
+    "robustness_table",
+    "run_robustness",
+    "run_sparsity_sweep",
+    "sparsity_label",
+    "sparsity_table",
+]
