@@ -248,6 +248,13 @@ def _folder_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "merge"
 
 
+def merge_folder(workdir: str | Path, name: str, adaptation: int | None = None) -> Path:
+    """Where `run_experiment` wrote the merge `name` under `workdir`, or with `adaptation` (its position in the
+    adaptations) that merge after the adaptation."""
+    folder = _folder_name(name)
+    return Path(workdir) / (folder if adaptation is None else f"{folder}-adapted-{adaptation}")
+
+
 def _run(
     suite: Suite, workdir: Path, options: ExperimentOptions, methods: list[MergeSpec], log
 ) -> list[ResultRow]:
@@ -418,6 +425,7 @@ def save_results(
 
 __all__ = [
     "DEFAULT_METHODS",
+    "merge_folder",
     "Adaptation",
     "ExperimentOptions",
     "MergeSpec",
