@@ -23,7 +23,7 @@ Objective = Literal["entropy", "infomax"]
 DEFAULT_OBJECTIVE = "infomax"
 DEFAULT_ROUTING_LOSS = 3.0
 # Rank of the demo's low-rank WEMoE row, chosen from the rank sweep on the toy zoo (README, "Compact experts").
-DEFAULT_RANK = 8
+DEFAULT_RANK = 16
 
 DESCRIPTION = """\
 Build (or reuse) the offline toy zoo, a tiny CLIP and one fine-tuned expert per toy task; merge the experts with
