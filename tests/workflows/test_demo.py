@@ -36,6 +36,9 @@ def test_demo_runs_every_stage_and_writes_results(toy_zoo_small, tmp_path, capsy
         ("task-arithmetic", None, None, "per task"),
         ("ties", None, None, "per task"),
         *moe_rows,
+        # Low-rank WEMoE (--rank, default 16) gets only the package's adaptation, and its own bound.
+        ("wemoe (rank 16)", ours, "sample", "per task"),
+        ("oracle routing (wemoe (rank 16) bound)", None, None, "per task"),
     ]
     for row in rows:
         assert set(row) == {"method", "adaptation", "routing", "stream", *tasks, "average", "seconds", "collapsed"}

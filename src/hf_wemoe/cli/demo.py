@@ -22,15 +22,18 @@ Objective = Literal["entropy", "infomax"]
 # Chosen from measurements on both toy-zoo presets (README, "Router adaptation that holds up").
 DEFAULT_OBJECTIVE = "infomax"
 DEFAULT_ROUTING_LOSS = 3.0
+# Rank of the demo's low-rank WEMoE row, chosen from the rank sweep on the toy zoo (README, "Compact experts").
+DEFAULT_RANK = 16
 
 DESCRIPTION = """\
 Build (or reuse) the offline toy zoo, a tiny CLIP and one fine-tuned expert per toy task; merge the experts with
 every method (average, task arithmetic, TIES, WEMoE, E-WEMoE); set the WEMoE and E-WEMoE routers three ways on
 the unlabelled test images: the papers' entropy minimisation, the training-free calibration (no gradient step),
 and the calibration followed by --objective (the package's default adaptation; this one is also evaluated on a
-mixed-task stream, per-sample and batch routing); evaluate everything together with the pretrained model, the
-individual experts and every MoE method's own oracle-routing bound (the merge collapsed to each task's own stored
-expert task vectors); print one table with the CPU time of every adaptation.
+mixed-task stream, per-sample and batch routing); merge WEMoE once more with low-rank task vectors (--rank) and
+set its routers the package's way; evaluate everything together with the pretrained model, the individual experts
+and every MoE method's own oracle-routing bound (the merge collapsed to each task's own stored expert task
+vectors); print one table with the CPU time of every adaptation.
 """
 
 EXAMPLES = """\
@@ -67,6 +70,13 @@ class DemoOptions(BaseModel):
         json_schema_extra={"metavar": "W"},
     )
     calibration_images: int = Field(64, ge=1, le=64, description="unlabelled images per task for the calibration")
+    rank: int = Field(
+        DEFAULT_RANK,
+        ge=0,
+        description="rank of the low-rank WEMoE row (each expert's task vectors truncated to their best rank-R "
+        "factors, `hf-wemoe merge --rank`); 0 leaves the row out",
+        json_schema_extra={"metavar": "R"},
+    )
     max_test_images: int | None = Field(
         None,
         ge=1,
@@ -89,8 +99,10 @@ def run(args: argparse.Namespace) -> int:
     from hf_wemoe.adaptation import TrainOptions
     from hf_wemoe.toy.build import get_toy_zoo
     from hf_wemoe.workflows.experiment import (
+        DEFAULT_METHODS,
         Adaptation,
         ExperimentOptions,
+        MergeSpec,
         results_markdown,
         run_experiment,
         save_results,
@@ -113,12 +125,20 @@ def run(args: argparse.Namespace) -> int:
     paper = TrainOptions(**common, objective="entropy", routing_loss=0.0)  # the papers' objective
     ours = TrainOptions(**common, objective=options.objective, routing_loss=options.routing_loss)
     images = options.calibration_images
+    package = Adaptation(train=ours, calibrate=True, calibration_images=images, mixed_stream=True)
+    methods: list = list(DEFAULT_METHODS)  # the oracle bounds are a flag among them: every MoE merge gets one
+    if options.rank:
+        # Beyond the papers: only the package's adaptation (the references above show the others).
+        package_only = Adaptation(train=ours, calibrate=True, calibration_images=images)
+        label = f"wemoe (rank {options.rank})"
+        methods.append(MergeSpec("wemoe", {"rank": options.rank}, label, adaptations=[package_only]))
     experiment = ExperimentOptions(
+        methods=methods,
         train=paper,
         adaptations=[
             Adaptation(train=paper),
             Adaptation(calibrate=True, calibration_images=images),
-            Adaptation(train=ours, calibrate=True, calibration_images=images, mixed_stream=True),
+            package,
         ],
         progress=progress,
     )

@@ -77,11 +77,13 @@ class Adaptation:
 @dataclass
 class MergeSpec:
     """One merge of an experiment: a registered method with options of `MergeRecipe` (e.g. `{"sparsity": 0.5}`),
-    its rows named `label` (default: the method's name)."""
+    its rows named `label` (default: the method's name), and for a MoE method the adaptations it gets (default:
+    the experiment's)."""
 
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
+    adaptations: Sequence[Adaptation] | None = None
 
     @property
     def name(self) -> str:
@@ -248,6 +250,13 @@ def _folder_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "merge"
 
 
+def merge_folder(workdir: str | Path, name: str, adaptation: int | None = None) -> Path:
+    """Where `run_experiment` wrote the merge `name` under `workdir`, or with `adaptation` (its position in the
+    adaptations) that merge after the adaptation."""
+    folder = _folder_name(name)
+    return Path(workdir) / (folder if adaptation is None else f"{folder}-adapted-{adaptation}")
+
+
 def _run(
     suite: Suite, workdir: Path, options: ExperimentOptions, methods: list[MergeSpec], log
 ) -> list[ResultRow]:
@@ -312,7 +321,8 @@ def _run(
                 vision, projection, seen, options.eval_batch_size, device, options.progress
             )
             oracle = ResultRow(f"oracle routing ({name} bound)", None, accuracy, unseen=unseen)
-        for position, adaptation in enumerate(options.resolved_adaptations()):
+        adaptations = spec.adaptations if spec.adaptations is not None else options.resolved_adaptations()
+        for position, adaptation in enumerate(adaptations):
             timed(f"{name}: {adaptation.label}")
             load_router_state(vision, as_built)
             classifier = ZeroShotClassifier(vision, projection).to(device)
@@ -418,6 +428,7 @@ def save_results(
 
 __all__ = [
     "DEFAULT_METHODS",
+    "merge_folder",
     "Adaptation",
     "ExperimentOptions",
     "MergeSpec",

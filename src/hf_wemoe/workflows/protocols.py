@@ -105,6 +105,120 @@ def sparsity_table(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Rank sweep (compact experts, beyond the papers)
+
+RANK_POINTS = (2, 4, 8, 16, 32)
+# The references of the rank sweep: the static merge and the papers' two MoE methods, dense and sparse.
+RANK_REFERENCES = ("task-arithmetic", "wemoe", "e-wemoe")
+
+
+def rank_label(rank: int) -> str:
+    """The row name of low-rank WEMoE at one rank, e.g. `wemoe (rank 8)`."""
+    return f"wemoe (rank {rank})"
+
+
+def check_ranks(ranks: Sequence[int]) -> list[int]:
+    """The sweep's ranks, or a `WEMoEError` for none, a repeated one or one below 1."""
+    points = [int(value) for value in ranks]
+    if not points:
+        raise WEMoEError("no rank given; e.g. --ranks 2,4,8,16,32")
+    bad = [value for value in points if value < 1]
+    if bad:
+        raise WEMoEError(f"ranks must be positive integers, got {bad}")
+    if len(set(points)) != len(points):
+        raise WEMoEError(f"a rank is given twice in {points}")
+    return points
+
+
+def run_rank_sweep(
+    suite: Suite,
+    workdir: str | Path,
+    ranks: Sequence[int] = RANK_POINTS,
+    options: ExperimentOptions | None = None,
+    oracle: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[ResultRow]:
+    """WEMoE with rank-R task vectors (`hf-wemoe merge --rank R`) at every rank, with task arithmetic, dense WEMoE
+    and E-WEMoE as references; every merge's rows carry its parameters and saved size. `oracle` adds each MoE
+    merge's own oracle-routing bound (what routing can reach with the task vectors as truncated)."""
+    points = check_ranks(ranks)
+    methods: list[str | MergeSpec] = [*RANK_REFERENCES]
+    methods += [MergeSpec("wemoe", {"rank": value}, rank_label(value)) for value in points]
+    methods += ["oracle"] if oracle else []
+    options = replace(options or ExperimentOptions(), methods=methods, record_size=True)
+    return run_experiment(suite, workdir, options, log)
+
+
+def rank_table(
+    rows: Sequence[ResultRow],
+    ranks: Sequence[int],
+    backbone_parameters: int,
+    forward_ratios: Mapping[str, float] | None = None,
+) -> str:
+    """Average accuracy after adaptation, stored parameters against one backbone, saved size and forward time
+    against the static merge, per rank and for the references."""
+    forward_ratios = forward_ratios or {}
+    per_task = [row for row in rows if row.stream == "per task"]
+    dense = next((row for row in per_task if row.method == "wemoe"), None)
+    bounds = {row.method: row for row in rows if row.method.startswith("oracle routing (")}
+    lines = [
+        "| method | rank | adaptation | average | vs dense WEMoE | own oracle bound | parameters | vs backbone | "
+        "saved size | forward time vs static |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def line(row: ResultRow, rank: str) -> str:
+        bound = bounds.get(f"oracle routing ({row.method} bound)")
+        gap = "–" if dense is None or row is dense else f"{row.average - dense.average:+.1f}"
+        ratio = forward_ratios.get(row.method)
+        return (
+            f"| {row.method} | {rank} | {row.adaptation or '–'} | {row.average:.1f} | {gap} | "
+            f"{'–' if bound is None else f'{bound.average:.1f}'} | {format_count(row.parameters)} | "
+            f"{'–' if row.parameters is None else f'{row.parameters / backbone_parameters:.2f}×'} | "
+            f"{'–' if row.saved_bytes is None else format_size(row.saved_bytes)} | "
+            f"{'–' if ratio is None else f'{ratio:.2f}×'} |"
+        )
+
+    for value in ranks:
+        for row in per_task:
+            if row.method == rank_label(value):
+                lines.append(line(row, str(value)))
+    for row in per_task:
+        if row.method in RANK_REFERENCES:
+            lines.append(line(row, "full" if row.method != "task-arithmetic" else "–"))
+    return "\n".join(lines)
+
+
+def forward_time_ratios(
+    folders: Mapping[str, str | Path], reference: str, batch: int = 128, repeats: int = 5
+) -> dict[str, float]:
+    """Forward time of every saved vision model in `folders` (name -> folder) over the one named `reference`:
+    medians of `repeats` round-robin forwards on one batch of random images (the time does not depend on the
+    pixels), after one untimed warm-up each, in this process and with its threads."""
+    import statistics
+    import time
+
+    import torch
+
+    from hf_wemoe.zeroshot.classifier import load_vision_model
+
+    models = {name: load_vision_model(str(folder))[0].eval() for name, folder in folders.items()}
+    size = models[reference].config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(pixels)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(pixels)
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {name: value / medians[reference] for name, value in medians.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Generalization
 
 
@@ -201,11 +315,18 @@ def _cell(value: float | None) -> str:
 
 
 __all__ = [
+    "RANK_POINTS",
+    "RANK_REFERENCES",
     "SPARSITY_POINTS",
     "SWEEP_REFERENCES",
+    "check_ranks",
     "check_sparsities",
+    "forward_time_ratios",
     "generalization_table",
+    "rank_label",
+    "rank_table",
     "robustness_table",
+    "run_rank_sweep",
     "run_robustness",
     "run_sparsity_sweep",
     "sparsity_label",
