@@ -35,6 +35,7 @@ from reproduction import (  # noqa: E402
     datasets_note,
     experiment_options,
     finish,
+    gpu_estimate,
     is_toy,
     load_zoo,
     make_parser,
@@ -42,7 +43,7 @@ from reproduction import (  # noqa: E402
     run_main,
 )
 
-__doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}"
+__doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}\n{gpu_estimate(7, 8)}"
 
 # The package's adaptation (the demo's default), not the papers': this sweep measures a feature beyond them.
 PACKAGE_ADAPTATION = {"calibrate": True, "objective": "infomax", "routing_loss": 3.0}
