@@ -52,6 +52,27 @@ def test_sparsity_sweep_on_the_toy_zoo(toy_zoo_small, tmp_path):
     assert (tmp_path / "results" / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_rank_sweep_on_the_toy_zoo(toy_zoo_small, tmp_path):
+    rows, markdown = run(
+        "sweep_rank", ["--zoo", str(toy_zoo_small.root), "--tasks", "digits,colors", "--ranks", "2,8"], tmp_path
+    )
+    by_method = {row["method"]: row for row in rows}
+    assert list(by_method) == ["task-arithmetic", "wemoe", "e-wemoe", "wemoe (rank 2)", "wemoe (rank 8)"]
+    low, high, dense = by_method["wemoe (rank 2)"], by_method["wemoe (rank 8)"], by_method["wemoe"]
+    # Rank R stores K * R * (in + out) values per routed weight: more with the rank, fewer than dense storage.
+    assert dense["parameters"] > high["parameters"] > low["parameters"] > by_method["task-arithmetic"]["parameters"]
+    package = "calibrated + infomax + routing 3, 2 steps"  # the package's adaptation, labelled in every row
+    assert {row["adaptation"] for row in (low, high, dense, by_method["e-wemoe"])} == {package}
+    config = json.loads((tmp_path / "work" / "wemoe-rank-8" / "config.json").read_text())
+    assert config["rank"] == 8 and config["sparsity"] == 0.0
+    summary = next(line for line in markdown.splitlines() if line.startswith("| wemoe (rank 8) | 8 |"))
+    cells = [cell.strip() for cell in summary.strip("|").split("|")]
+    # vs dense WEMoE, parameters against the backbone (the static merge) and the forward-time ratio are filled in.
+    assert cells[4] == f"{high['average'] - dense['average']:+.1f}"
+    assert cells[7] == f"{high['parameters'] / by_method['task-arithmetic']['parameters']:.2f}×"
+    assert cells[9].endswith("×") and float(cells[9][:-1]) > 0
+
+
 def test_generalization_on_the_toy_zoo_never_merges_or_adapts_on_unseen_tasks(toy_zoo_small, tmp_path):
     # The toy zoo's split 1 holds out digits (and scenes, not chosen here).
     rows, markdown = run(
@@ -91,7 +112,7 @@ def test_robustness_on_the_toy_zoo_adapts_and_evaluates_each_corrupted_split(toy
 
 
 @pytest.mark.parametrize("name", ["reproduce_sparsity", "reproduce_generalization", "reproduce_robustness",
-                                  "reproduce_ta8"])  # fmt: skip
+                                  "reproduce_ta8", "sweep_rank"])  # fmt: skip
 def test_help_says_what_a_run_needs(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load(name).main(["--help"])
@@ -112,6 +133,8 @@ def test_help_says_what_a_run_needs(name, capsys):
         ("reproduce_generalization", ["--tasks", "sun397,dtd"], "split 1's unseen tasks"),
         ("reproduce_ta8", ["--tasks", "mnist,cifar10"], r"unknown TA8 task\(s\) \['cifar10'\]"),
         ("reproduce_ta8", ["--step", "3"], "unknown option '--step'"),
+        ("sweep_rank", ["--ranks", "4,0"], r"ranks must be positive integers, got \[0\]"),
+        ("sweep_rank", ["--ranks", "4,4"], "a rank is given twice"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(name, args, message, tmp_path, capsys):
