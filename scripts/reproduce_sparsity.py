@@ -32,7 +32,9 @@ from reproduction import (  # noqa: E402
     adaptation_note,
     add_adaptation_arguments,
     add_run_arguments,
+    add_sweep_arguments,
     add_world_arguments,
+    comma_separated,
     datasets_note,
     experiment_options,
     finish,
@@ -40,7 +42,6 @@ from reproduction import (  # noqa: E402
     is_toy,
     load_zoo,
     make_parser,
-    names,
     run_main,
 )
 
@@ -56,11 +57,7 @@ REPORTED = {
 }
 
 
-def floats(text: str) -> list[float]:
-    return [float(item) for item in names(text)]
-
-
-floats.__name__ = "comma-separated list of numbers"
+floats = comma_separated(float, "comma-separated list of numbers")
 
 
 def parse_args(argv: list[str] | None):
@@ -72,12 +69,7 @@ def parse_args(argv: list[str] | None):
         "--sparsity", type=floats, default=list(SPARSITY_POINTS), metavar="S,S,...",
         help=f"E-WEMoE's sparsities, each in [0, 1) (default: {','.join(f'{s:g}' for s in SPARSITY_POINTS)})",
     )  # fmt: skip
-    parser.add_argument(
-        "--tasks", type=names, default=None, metavar="T,T,...", help="a subset of the tasks (default: all)"
-    )
-    parser.add_argument(
-        "--oracle", action="store_true", help="also evaluate each MoE merge's own oracle-routing bound"
-    )
+    add_sweep_arguments(parser)
     add_adaptation_arguments(parser)
     add_run_arguments(parser, "sparsity")
     return parser.parse_args(argv)

@@ -84,6 +84,27 @@ def names(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def comma_separated(cast: Callable[[str], Any], name: str) -> Callable[[str], list[Any]]:
+    """An argparse type for a comma-separated list of `cast` values; `name` is what argparse calls it in errors
+    ("invalid comma-separated list of numbers value: ...")."""
+
+    def parse(text: str) -> list[Any]:
+        return [cast(item) for item in names(text)]
+
+    parse.__name__ = name
+    return parse
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a sweep script adds to the world: `--tasks` (a subset) and `--oracle` (each MoE merge's own bound)."""
+    parser.add_argument(
+        "--tasks", type=names, default=None, metavar="T,T,...", help="a subset of the tasks (default: all)"
+    )
+    parser.add_argument(
+        "--oracle", action="store_true", help="also evaluate each MoE merge's own oracle-routing bound"
+    )
+
+
 def add_world_arguments(parser: argparse.ArgumentParser, model_help: str = "CLIP size on the Hub") -> None:
     """`--model` (the Hub's checkpoints), or `--toy PRESET` / `--zoo DIR` (offline), and `--max-test-images`."""
     parser.add_argument(

@@ -31,7 +31,9 @@ from reproduction import (  # noqa: E402
     adaptation_note,
     add_adaptation_arguments,
     add_run_arguments,
+    add_sweep_arguments,
     add_world_arguments,
+    comma_separated,
     datasets_note,
     experiment_options,
     finish,
@@ -39,7 +41,6 @@ from reproduction import (  # noqa: E402
     is_toy,
     load_zoo,
     make_parser,
-    names,
     run_main,
 )
 
@@ -49,11 +50,7 @@ __doc__ = f"{__doc__.rstrip()}\n\n{GPU_TIME}\n{gpu_estimate(7, 8)}"
 PACKAGE_ADAPTATION = {"calibrate": True, "objective": "infomax", "routing_loss": 3.0}
 
 
-def integers(text: str) -> list[int]:
-    return [int(item) for item in names(text)]
-
-
-integers.__name__ = "comma-separated list of integers"
+integers = comma_separated(int, "comma-separated list of integers")
 
 
 def parse_args(argv: list[str] | None):
@@ -65,12 +62,7 @@ def parse_args(argv: list[str] | None):
         "--ranks", type=integers, default=list(RANK_POINTS), metavar="R,R,...",
         help=f"ranks of the task vectors (default: {','.join(str(r) for r in RANK_POINTS)})",
     )  # fmt: skip
-    parser.add_argument(
-        "--tasks", type=names, default=None, metavar="T,T,...", help="a subset of the tasks (default: all)"
-    )
-    parser.add_argument(
-        "--oracle", action="store_true", help="also evaluate each MoE merge's own oracle-routing bound"
-    )
+    add_sweep_arguments(parser)
     add_adaptation_arguments(parser)
     parser.add_argument(
         "--no-calibrate", dest="calibrate", action="store_false",

@@ -35,13 +35,18 @@ def expert_names() -> list[str]:
     return [f"task{k}" for k in range(NUM_EXPERTS)]
 
 
-def make_wemoe(shape: str, seed: int = 0, **options: Any) -> WEMoECLIPVisionModel:
-    """A WEMoE model at `shape` with random weights: CLIP init, random task vectors and varied routers."""
+def _fresh(shape: str, seed: int, **options: Any) -> tuple[WEMoECLIPVisionModel, torch.Generator]:
+    """A freshly initialised WEMoE model at `shape` (seeded), and the generator its task vectors are drawn from."""
     config = wemoe_config(base_config(shape), expert_names(), scaling=LAMBDA, **options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WEMoECLIPVisionModel(config)
-    generator = torch.Generator().manual_seed(seed + 1)
+    return model, torch.Generator().manual_seed(seed + 1)
+
+
+def make_wemoe(shape: str, seed: int = 0, **options: Any) -> WEMoECLIPVisionModel:
+    """A WEMoE model at `shape` with random weights: CLIP init, random task vectors and varied routers."""
+    model, generator = _fresh(shape, seed, **options)
     with torch.no_grad():
         for mlp in model.moe_layers:
             for name, shape_ in mlp.task_vectors.shapes.items():
@@ -56,11 +61,7 @@ def make_low_rank(shape: str, rank: int, seed: int = 0) -> WEMoECLIPVisionModel:
     """A low-rank WEMoE model at `shape` (`rank` R): random factors whose products have about the task vectors'
     magnitude, random bias task vectors and varied routers. Built directly from factors (no dense task vectors,
     no SVD), so its memory is its own; speed and size do not depend on the values."""
-    config = wemoe_config(base_config(shape), expert_names(), scaling=LAMBDA, rank=rank)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = WEMoECLIPVisionModel(config)
-    generator = torch.Generator().manual_seed(seed + 1)
+    model, generator = _fresh(shape, seed, rank=rank)
     with torch.no_grad():
         for mlp in model.moe_layers:
             vectors = mlp.task_vectors

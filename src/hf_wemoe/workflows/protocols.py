@@ -33,17 +33,45 @@ def sparsity_label(sparsity: float) -> str:
     return f"e-wemoe (sparsity {sparsity:g})"
 
 
+def check_points(values: Sequence[float], what: str, example: str, valid: Callable[[float], bool], rule: str):
+    """A sweep's points as given, or a `WEMoEError` for none (showing `example`), a repeated one, or one that is
+    not `valid` (saying the `rule`)."""
+    points = list(values)
+    if not points:
+        raise WEMoEError(f"no {what} given; e.g. {example}")
+    bad = [value for value in points if not valid(value)]
+    if bad:
+        raise WEMoEError(f"{rule}, got {bad}")
+    if len(set(points)) != len(points):
+        raise WEMoEError(f"a {what} is given twice in {points}")
+    return points
+
+
 def check_sparsities(sparsities: Sequence[float]) -> list[float]:
     """The sweep's points, or a `WEMoEError` for none, a repeated one or one outside [0, 1)."""
-    points = [float(value) for value in sparsities]
-    if not points:
-        raise WEMoEError("no sparsity given; e.g. --sparsity 0.0,0.5,0.9")
-    bad = [value for value in points if not 0.0 <= value < 1.0]
-    if bad:
-        raise WEMoEError(f"sparsity must be in [0, 1) (the fraction of each task vector removed), got {bad}")
-    if len(set(points)) != len(points):
-        raise WEMoEError(f"a sparsity is given twice in {points}")
-    return points
+    return check_points(
+        [float(value) for value in sparsities],
+        "sparsity",
+        "--sparsity 0.0,0.5,0.9",
+        lambda value: 0.0 <= value < 1.0,
+        "sparsity must be in [0, 1) (the fraction of each task vector removed)",
+    )
+
+
+def run_sweep(
+    suite: Suite,
+    workdir: str | Path,
+    references: Sequence[str],
+    points: Sequence[MergeSpec],
+    options: ExperimentOptions | None,
+    oracle: bool,
+    log: Callable[[str], None],
+) -> list[ResultRow]:
+    """The reference methods, then the merges of a sweep's `points`, through `run_experiment`; every merge's rows
+    carry its parameters and saved size, and `oracle` adds each MoE merge's own oracle-routing bound."""
+    methods: list[str | MergeSpec] = [*references, *points, *(["oracle"] if oracle else [])]
+    options = replace(options or ExperimentOptions(), methods=methods, record_size=True)
+    return run_experiment(suite, workdir, options, log)
 
 
 def run_sparsity_sweep(
@@ -57,12 +85,8 @@ def run_sparsity_sweep(
     """E-WEMoE (shared router, sparse task vectors) at every sparsity, with task arithmetic and dense WEMoE as
     references; every merge's rows carry its parameters and saved size. `oracle` adds each MoE merge's own
     oracle-routing bound (what routing can reach with the task vectors as pruned)."""
-    points = check_sparsities(sparsities)
-    methods: list[str | MergeSpec] = [*SWEEP_REFERENCES]
-    methods += [MergeSpec("e-wemoe", {"sparsity": value}, sparsity_label(value)) for value in points]
-    methods += ["oracle"] if oracle else []
-    options = replace(options or ExperimentOptions(), methods=methods, record_size=True)
-    return run_experiment(suite, workdir, options, log)
+    points = [MergeSpec("e-wemoe", {"sparsity": value}, sparsity_label(value)) for value in check_sparsities(sparsities)]
+    return run_sweep(suite, workdir, SWEEP_REFERENCES, points, options, oracle, log)
 
 
 def sparsity_table(
@@ -119,15 +143,13 @@ def rank_label(rank: int) -> str:
 
 def check_ranks(ranks: Sequence[int]) -> list[int]:
     """The sweep's ranks, or a `WEMoEError` for none, a repeated one or one below 1."""
-    points = [int(value) for value in ranks]
-    if not points:
-        raise WEMoEError("no rank given; e.g. --ranks 2,4,8,16,32")
-    bad = [value for value in points if value < 1]
-    if bad:
-        raise WEMoEError(f"ranks must be positive integers, got {bad}")
-    if len(set(points)) != len(points):
-        raise WEMoEError(f"a rank is given twice in {points}")
-    return points
+    return check_points(
+        [int(value) for value in ranks],
+        "rank",
+        "--ranks 2,4,8,16,32",
+        lambda value: value >= 1,
+        "ranks must be positive integers",
+    )
 
 
 def run_rank_sweep(
@@ -141,12 +163,8 @@ def run_rank_sweep(
     """WEMoE with rank-R task vectors (`hf-wemoe merge --rank R`) at every rank, with task arithmetic, dense WEMoE
     and E-WEMoE as references; every merge's rows carry its parameters and saved size. `oracle` adds each MoE
     merge's own oracle-routing bound (what routing can reach with the task vectors as truncated)."""
-    points = check_ranks(ranks)
-    methods: list[str | MergeSpec] = [*RANK_REFERENCES]
-    methods += [MergeSpec("wemoe", {"rank": value}, rank_label(value)) for value in points]
-    methods += ["oracle"] if oracle else []
-    options = replace(options or ExperimentOptions(), methods=methods, record_size=True)
-    return run_experiment(suite, workdir, options, log)
+    points = [MergeSpec("wemoe", {"rank": value}, rank_label(value)) for value in check_ranks(ranks)]
+    return run_sweep(suite, workdir, RANK_REFERENCES, points, options, oracle, log)
 
 
 def rank_table(
@@ -319,6 +337,7 @@ __all__ = [
     "RANK_REFERENCES",
     "SPARSITY_POINTS",
     "SWEEP_REFERENCES",
+    "check_points",
     "check_ranks",
     "check_sparsities",
     "forward_time_ratios",
@@ -327,6 +346,7 @@ __all__ = [
     "rank_table",
     "robustness_table",
     "run_rank_sweep",
+    "run_sweep",
     "run_robustness",
     "run_sparsity_sweep",
     "sparsity_label",
