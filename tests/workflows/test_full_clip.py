@@ -25,6 +25,9 @@ def merged(tmp_path_factory):
         "vision": merge(world, root / "vision"),
         "static_full": merge(world, root / "static-full", "--full-clip", "--method", "task-arithmetic"),
         "static": merge(world, root / "static", "--method", "task-arithmetic"),
+        # Compact experts: low-rank task vectors, attention projections routed too.
+        "low_rank_full": merge(world, root / "low-rank-full", "--full-clip", "--rank", "2", "--moe-modules", "q_proj,fc1"),
+        "low_rank": merge(world, root / "low-rank", "--rank", "2", "--moe-modules", "q_proj,fc1"),
     }
 
 
@@ -94,6 +97,26 @@ def test_full_clip_is_the_base_text_tower_with_the_merged_vision_tower(merged):
         forced = full(pixel_values=pixels, **text, force_routing=routing).logits_per_image
         static = full.collapse(routing)(pixel_values=pixels, **text).logits_per_image
     torch.testing.assert_close(static, forced, rtol=1e-4, atol=1e-4)
+
+
+def test_low_rank_full_clip_holds_the_low_rank_vision_tower(merged):
+    full = WEMoECLIPModel.from_pretrained(merged["low_rank_full"]).eval()
+    vision = WEMoECLIPVisionModel.from_pretrained(merged["low_rank"]).eval()
+    config = full.config.vision_config
+    assert config.rank == 2 and config.moe_modules == ["q_proj", "fc1"]
+    expected = vision.state_dict()
+    state = full.vision_model.state_dict()
+    assert state.keys() == expected.keys() and any(key.endswith("q_proj_weight_A") for key in state)
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in state.items())
+    tokenizer = AutoTokenizer.from_pretrained(merged["low_rank_full"])
+    text = tokenizer(["a photo of red", "green"], padding=True, return_tensors="pt")
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    routing = torch.tensor([0.7, 0.1])
+    with torch.no_grad():
+        forced = full(pixel_values=pixels, **text, force_routing=routing).logits_per_image
+        static = full.collapse(routing)(pixel_values=pixels, **text).logits_per_image
+    torch.testing.assert_close(static, forced, rtol=1e-4, atol=1e-4)
+    assert "rank" in (merged["low_rank_full"] / "README.md").read_text()
 
 
 def test_zero_shot_pipeline_with_the_installed_package(merged):
