@@ -89,9 +89,10 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             threads=args.threads,
             device=args.device,
         )
-        print(f"[lowrank] training step, rank {rank} (load {load_average()})", file=sys.stderr, flush=True)
+        load = load_average()
+        print(f"[lowrank] training step, rank {rank} (load {load})", file=sys.stderr, flush=True)
         outcome = run_worker("train", spec, timeout=3600)
-        result["train"].append({"name": per_sample_name(rank), "batch": args.train_batch, **outcome})
+        result["train"].append({"name": per_sample_name(rank), "batch": args.train_batch, "load": load, **outcome})
     return result
 
 
