@@ -26,15 +26,16 @@ TOY_STEPS, TOY_LR = 200, 1e-3
 HUB_STEPS = 1000
 
 # For --help: what the papers' adaptation costs. This project measured it only on a CPU (BENCHMARKS.md: one
-# per-sample router step of ViT-B/32 on 128 images, 8 tasks x 16, takes 42 s on 2 cores); the papers' reference code
+# per-sample router step of ViT-B/32 on 128 images, 8 tasks x 16, took 42 s on 2 cores of an idle machine and 78 s
+# under load); the papers' reference code
 # took 15-20 min per 1000 ViT-B/32 steps on 2 GPUs (with batch routing). ViT-B/16 has about 4x B/32's tokens and
 # ViT-L/14 about 3.5x the parameters on 5x the tokens: the other sizes are scaled by that compute, not measured.
 GPU_TIME = """\
 GPU time (not measured by this project, which had no GPU: scaled from the papers' reference figure of 15-20 min per
 1000 ViT-B/32 steps on 8 tasks, and by compute for the other sizes): per 1000 steps on 8 tasks about 15-20 min
 (base-patch32), 1-1.5 h (base-patch16), 4-5 h (large-patch14); a step's time grows with the number of tasks (16
-images each). On 2 CPU cores one ViT-B/32 step of 8 x 16 images takes 42 s (BENCHMARKS.md), 1000 steps about 12 h:
-use the toy zoo (--toy) there."""
+images each). On 2 CPU cores one ViT-B/32 step of 8 x 16 images takes 42-78 s (BENCHMARKS.md; more under load),
+1000 steps 12-22 h: use the toy zoo (--toy) there."""
 # Minutes per 1000 steps on 8 tasks (the estimate above), per model size.
 _MINUTES = {"base-patch32": (15, 20), "base-patch16": (60, 90), "large-patch14": (240, 300)}
 
