@@ -27,8 +27,7 @@ HUB_STEPS = 1000
 
 # For --help: what the papers' adaptation costs. This project measured it only on a CPU (BENCHMARKS.md: one
 # per-sample router step of ViT-B/32 on 128 images, 8 tasks x 16, took 42 s on 2 cores of an idle machine and 78 s
-# under load); the papers' reference code
-# took 15-20 min per 1000 ViT-B/32 steps on 2 GPUs (with batch routing). ViT-B/16 has about 4x B/32's tokens and
+# under load); the papers' reference code took 15-20 min per 1000 ViT-B/32 steps on 2 GPUs (with batch routing). ViT-B/16 has about 4x B/32's tokens and
 # ViT-L/14 about 3.5x the parameters on 5x the tokens: the other sizes are scaled by that compute, not measured.
 GPU_TIME = """\
 GPU time (not measured by this project, which had no GPU: scaled from the papers' reference figure of 15-20 min per
