@@ -12,7 +12,15 @@ import pytest
 import torch
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-SECTIONS = ["## Setup", "## Forward", "## Router-training step", "## Merge and saved size", "## Targets", "## Notes"]
+SECTIONS = [
+    "## Setup",
+    "## Forward",
+    "## Router-training step",
+    "## Merge and saved size",
+    "## Low-rank task vectors",
+    "## Targets",
+    "## Notes",
+]
 
 
 @pytest.fixture
@@ -82,13 +90,23 @@ def test_smoke_run_writes_every_section_and_rerenders_from_json(tmp_path):
         assert row in text
     saved = json.loads(raw.read_text())
     results = saved["results"]
-    assert set(results) == {"load_start", "forward", "train", "merge"}
+    assert set(results) == {"load_start", "forward", "train", "merge", "lowrank"}
     forward = results["forward"]["batches"]
     assert list(forward) == ["2", "4"]
     assert forward["2"]["max_abs_diff_last_hidden"] <= 1e-4
     assert len(results["train"]["runs"]) == 4 and not any("error" in r for r in results["train"]["runs"])
     assert all(m["output_bytes"] > 0 for m in results["merge"]["merges"].values())
     assert len(results["merge"]["merges"]) == 4 and results["merge"]["load_all"]["peak_rss"] > 0
+    # The low-rank section: every rank timed at every batch with the static model, trained, saved and counted.
+    lowrank = results["lowrank"]
+    assert lowrank["ranks"] == [4, 16] and list(lowrank["forward"]) == ["1", "2", "4"]
+    assert all(len(entry["times"]) == 5 for entry in lowrank["forward"].values())  # static + 2 ranks x 2 modes
+    assert [run["name"] for run in lowrank["train"]] == ["rank 4 per-sample", "rank 16 per-sample"]
+    assert not any("error" in run for run in lowrank["train"])
+    sizes = lowrank["sizes"]
+    assert sizes["static CLIPVisionModel"]["parameters"] < sizes["rank 4 per-sample"]["parameters"]
+    assert sizes["rank 4 per-sample"]["parameters"] < sizes["rank 16 per-sample"]["parameters"]
+    assert "| rank-16 WEMoE stores <= 1.25x the backbone's parameters |" in text
     # Re-rendering measures nothing and gives the same report (but for the load average at its end).
     again = tmp_path / "again.md"
     rerun = subprocess.run(
